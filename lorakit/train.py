@@ -1,0 +1,92 @@
+"""One small training loop for every notebook that trains.
+
+A chat-formatted prompt, then the answer; the loss is cross-entropy on the answer tokens only
+(prompt and padding positions get the label -100, which the loss ignores). Only parameters with
+`requires_grad` are optimised, so the same loop trains LoRA adapters or a whole model.
+
+    >>> losses = train(model, tokenizer, make_tickets(64), steps=20)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+IGNORE_INDEX = -100
+
+
+def encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """(input ids, labels) for one example: the prompt in the chat template, then the answer and
+    the end-of-turn token; labels are -100 everywhere but on the answer tokens."""
+    prompt_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+
+
+def collate(tokenizer, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask and labels, each (B, T)."""
+    pairs = [encode(tokenizer, ex["prompt"], ex["answer"]) for ex in examples]
+    width = max(len(ids) for ids, _ in pairs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(pairs), width), pad, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)  # (B, T)
+    for i, (ids, lab) in enumerate(pairs):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention_mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens (the model shifts the labels by one position itself)."""
+    return model(**batch).loss
+
+
+def train(
+    model,
+    tokenizer,
+    examples: Sequence[dict],
+    steps: int,
+    batch_size: int = 8,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Train the parameters that require grad with AdamW for `steps` steps; returns the loss per step.
+
+    Batches cycle through `examples` in a seeded shuffled order. Runs in the model's own dtype
+    (float32 in the notebooks, so results do not depend on the CPU's bf16 support).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`steps` should be a positive integer, but the value passed is {steps!r}")
+    if len(examples) < batch_size:
+        raise ValueError(f"need at least batch_size={batch_size} examples, got {len(examples)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no parameter requires grad: add adapters (add_lora) or unfreeze something first")
+    torch.manual_seed(seed)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    was_training = model.training
+    model.train()
+    losses = []
+    # progress=False always hides the bar; otherwise tqdm's own settings apply (TQDM_DISABLE=1 hides it in CI)
+    bar = tqdm(range(steps), desc="training", **({} if progress else {"disable": True}))
+    for step in bar:
+        start = (step * batch_size) % len(order)
+        idx = (order + order)[start : start + batch_size]
+        loss = answer_loss(model, collate(tokenizer, [examples[i] for i in idx]))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.train(was_training)
+    return losses

@@ -1,0 +1,28 @@
+"""nbgrader for this course: one assignment per notebook.
+
+solutions/NN-name/NN-name.ipynb  (instructor source, with solutions and hidden tests)
+    -> nbgrader generate_assignment ->
+notebooks/NN-name/NN-name.ipynb  (student version; regenerate with `make notebooks`)
+
+submitted/, autograded/, feedback/ and gradebook.db are created by the grading cycle and ignored by git.
+"""
+
+from pathlib import Path
+
+c = get_config()  # noqa: F821  (injected by traitlets when nbgrader loads this file)
+
+c.CourseDirectory.root = str(Path(__file__).resolve().parent)
+c.CourseDirectory.course_id = "lora-course"
+c.CourseDirectory.source_directory = "solutions"
+c.CourseDirectory.release_directory = "notebooks"
+c.CourseDirectory.submitted_directory = "submitted"
+c.CourseDirectory.autograded_directory = "autograded"
+c.CourseDirectory.feedback_directory = "feedback"
+
+# Graded cells are cheap by design, but each notebook loads SmolLM2 (about 10 s) and trains a little
+# in small mode; 300 s per cell leaves room on a busy 2-core machine without hiding a hung kernel.
+c.Execute.timeout = 300
+c.Execute.interrupt_on_timeout = True
+
+c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
+c.ClearSolutions.text_stub = "YOUR ANSWER HERE"

@@ -1,0 +1,25 @@
+"""Helpers shared by the notebook tests: read nbgrader cells out of a source notebook."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+SOLUTION_BLOCK = re.compile(r"^[ \t]*### BEGIN SOLUTION\n(.*?)^[ \t]*### END SOLUTION\n?", re.S | re.M)
+
+
+def source_notebook(name: str) -> nbformat.NotebookNode:
+    return nbformat.read(ROOT / "solutions" / name / f"{name}.ipynb", as_version=4)
+
+
+def graded_cells(nb: nbformat.NotebookNode) -> dict[str, nbformat.NotebookNode]:
+    """grade_id -> cell, for every answer and test cell."""
+    return {c.metadata["nbgrader"]["grade_id"]: c for c in nb.cells if "grade_id" in c.metadata.get("nbgrader", {})}
+
+
+def strip_markers(source: str) -> str:
+    """The solution as a student would type it: the code between the markers, markers removed."""
+    return SOLUTION_BLOCK.sub(lambda m: m.group(1), source)

@@ -1,0 +1,101 @@
+"""The nbgrader pipeline end to end, in a scratch copy of the course:
+
+* regenerating notebooks/ from solutions/ gives exactly the committed student versions;
+* the committed solutions carry no volatile metadata (make outputs strips it);
+* autograding the unanswered student version scores 0 and a solved one full marks, without grader errors;
+* no solution or hidden test reaches a student notebook.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import nbformat
+import pytest
+from nbgrader.api import Gradebook
+from notebook_tools import ROOT, graded_cells, source_notebook, strip_markers
+
+from lorakit import course
+
+ASSIGNMENTS = course.assignments()
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("course")
+    shutil.copy(ROOT / "nbgrader_config.py", root)
+    shutil.copytree(ROOT / "solutions", root / "solutions", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    course.release(root)
+    return root
+
+
+def test_there_are_notebooks():
+    assert "03-lora-from-scratch" in ASSIGNMENTS
+
+
+@pytest.mark.parametrize("name", ASSIGNMENTS)
+def test_release_is_up_to_date(scratch, name):
+    fresh = (scratch / "notebooks" / name / f"{name}.ipynb").read_text()
+    committed = (ROOT / "notebooks" / name / f"{name}.ipynb").read_text()
+    assert fresh == committed, f"notebooks/{name} is stale: run `make notebooks` (or `make outputs`)"
+
+
+@pytest.mark.parametrize("name", ASSIGNMENTS)
+def test_solutions_have_no_volatile_metadata(scratch, name):
+    stripped = (scratch / "solutions" / name / f"{name}.ipynb").read_text()
+    committed = (ROOT / "solutions" / name / f"{name}.ipynb").read_text()
+    assert stripped == committed, f"solutions/{name} carries execution timestamps or widget state: run `make notebooks`"
+
+
+@pytest.mark.parametrize("name", ASSIGNMENTS)
+def test_student_version_hides_solutions_and_hidden_tests(name):
+    text = (ROOT / "notebooks" / name / f"{name}.ipynb").read_text()
+    for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"):
+        assert marker not in text
+    student = graded_cells(nbformat.reads(text, as_version=4))
+    source = graded_cells(source_notebook(name))
+    assert student.keys() == source.keys()
+    n_answers = 0
+    for grade_id, cell in source.items():
+        meta = cell.metadata["nbgrader"]
+        if meta.get("solution"):
+            n_answers += 1
+            assert "raise NotImplementedError()" in student[grade_id].source
+            assert "raises-exception" in student[grade_id].metadata["tags"]
+        if meta.get("grade"):
+            assert "raises-exception" in student[grade_id].metadata["tags"]
+            assert meta["points"] > 0
+    assert n_answers >= 4, "each notebook has at least four graded exercises"
+
+
+def _solved(name: str) -> nbformat.NotebookNode:
+    """The student version with every answer cell filled in as a student would: the solution code alone."""
+    nb = nbformat.read(ROOT / "notebooks" / name / f"{name}.ipynb", as_version=4)
+    answers = {k: c for k, c in graded_cells(source_notebook(name)).items() if c.metadata["nbgrader"].get("solution")}
+    for cell in nb.cells:
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if grade_id in answers:
+            cell.source = strip_markers(answers[grade_id].source)
+    return nb
+
+
+@pytest.mark.parametrize("name", ASSIGNMENTS)
+def test_autograde_scores_blank_zero_and_solved_full(scratch, name):
+    for student, nb in [("blank", nbformat.read(scratch / "notebooks" / name / f"{name}.ipynb", 4)),
+                        ("solved", _solved(name))]:
+        folder = scratch / "submitted" / student / name
+        folder.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, folder / f"{name}.ipynb")
+    done = course.nbgrader("autograde", name, "--force", "--create", root=scratch)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert "| ERROR]" not in log and "CRITICAL" not in log, log
+    with Gradebook(f"sqlite:///{scratch / 'gradebook.db'}") as gradebook:
+        blank = gradebook.find_submission(name, "blank")
+        solved = gradebook.find_submission(name, "solved")
+        assert solved.max_score > 0
+        assert blank.score == 0, f"an unanswered notebook scored {blank.score}"
+        assert solved.score == solved.max_score, f"the solution scored {solved.score} of {solved.max_score}:\n{log}"
+        assert not solved.needs_manual_grade
+    graded = (scratch / "autograded" / "solved" / name / f"{name}.ipynb").read_text()
+    assert "BEGIN HIDDEN TESTS" in graded, "autograde must restore and run the hidden tests"
