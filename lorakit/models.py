@@ -86,7 +86,8 @@ def prepare_smollm2(force: bool = False) -> Path:
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
+        settings = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
+        config = AutoConfig.for_model(**settings)
         config.dtype = torch.float32
         model = AutoModelForCausalLM.from_config(config)  # the same architecture with no quantizer attached
         missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)

@@ -26,7 +26,8 @@ def test_tickets_are_seeded_balanced_and_follow_the_policy():
     for t in tickets:
         assert t["answer"] == required_action(t["carrier"], t["damaged"], t["value"], t["days"])
         assert t["carrier"] in t["prompt"] and f"{t['days']} days" in t["prompt"]
-    assert required_action("Kestrel", True, 49, 3) == "REPLACE" and required_action("Kestrel", True, 50, 3) == "ESCALATE"
+    assert required_action("Kestrel", True, 49, 3) == "REPLACE"
+    assert required_action("Kestrel", True, 50, 3) == "ESCALATE"
     with pytest.raises(ValueError, match="-1"):
         make_tickets(-1)
 

@@ -16,16 +16,16 @@ from lorakit.lora import LoRALinear
 CELLS = graded_cells(source_notebook("03-lora-from-scratch"))
 
 
-def _namespace() -> dict:
-    torch.manual_seed(0)
+def _namespace(seed: int) -> dict:
+    torch.manual_seed(seed)
     # what the notebook defines before the exercises: imports, and section 5's real layer and input
     # (a random stand-in of the same shapes here)
     return {"math": math, "torch": torch, "nn": nn, "LoRALinear": LoRALinear,
             "fresh": LoRALinear(nn.Linear(576, 576, bias=False), r=8, alpha=16), "h": torch.randn(1, 43, 576)}
 
 
-def run_exercise(answer_id: str, answer_source: str) -> None:
-    ns = _namespace()
+def run_exercise(answer_id: str, answer_source: str, seed: int = 0) -> None:
+    ns = _namespace(seed)
     exec(answer_source, ns)
     exec(CELLS["test_" + answer_id].source, ns)
 
@@ -35,7 +35,8 @@ SOLUTIONS = ["lora_param_count", "init_lora_factors", "lora_forward", "lora_scal
 
 @pytest.mark.parametrize("answer_id", SOLUTIONS)
 def test_solution_passes_visible_and_hidden_tests(answer_id):
-    run_exercise(answer_id, strip_markers(CELLS[answer_id].source))
+    for seed in range(5):
+        run_exercise(answer_id, strip_markers(CELLS[answer_id].source), seed=seed)
 
 
 MISTAKES = {
@@ -59,7 +60,9 @@ MISTAKES = {
         "right shapes, wrong spread": (
             "def init_lora_factors(d_in, d_out, r):\n    return torch.randn(r, d_in), torch.zeros(d_out, r)\n"
         ),
-        "constant A": "def init_lora_factors(d_in, d_out, r):\n    return torch.full((r, d_in), 0.01), torch.zeros(d_out, r)\n",
+        "constant A": (
+            "def init_lora_factors(d_in, d_out, r):\n    return torch.full((r, d_in), 0.01), torch.zeros(d_out, r)\n"
+        ),
     },
     "lora_forward": {
         "alpha / r forgotten": "def lora_forward(x, W0, A, B, alpha, r):\n    return x @ W0.T + (x @ A.T) @ B.T\n",
@@ -97,3 +100,35 @@ MISTAKES = {
 def test_mistake_fails_the_tests(answer_id, label):
     with pytest.raises(Exception):  # noqa: B017  (an assertion or the error a wrong shape raises)
         run_exercise(answer_id, MISTAKES[answer_id][label])
+
+
+ALTERNATIVES = {
+    "lora_forward": {
+        "merged weight": "def lora_forward(x, W0, A, B, alpha, r):\n    return x @ (W0 + (alpha / r) * B @ A).T\n",
+        "F.linear": (
+            "def lora_forward(x, W0, A, B, alpha, r):\n    F = torch.nn.functional\n"
+            "    return F.linear(x, W0) + F.linear(F.linear(x, A), B) * alpha / r\n"
+        ),
+    },
+    "init_lora_factors": {
+        "uniform by hand": (
+            "def init_lora_factors(d_in, d_out, r):\n    b = 1 / math.sqrt(d_in)\n"
+            "    return torch.rand(r, d_in) * 2 * b - b, torch.zeros(d_out, r)\n"
+        ),
+    },
+    "lora_param_count": {"r times the sum": "def lora_param_count(d_in, d_out, r):\n    return r * (d_in + d_out)\n"},
+    "max_noop_gap": {
+        "torch.max of the difference": (
+            "def max_noop_gap(layer, x):\n    with torch.no_grad():\n"
+            "        return float(torch.max(torch.abs(layer(x) - layer.base(x))))\n"
+        ),
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "answer_id,label", [(a, label) for a, cases in ALTERNATIVES.items() for label in cases]
+)
+def test_other_correct_answers_pass(answer_id, label):
+    for seed in range(5):  # randomised checks must not fail a correct answer by chance
+        run_exercise(answer_id, ALTERNATIVES[answer_id][label], seed=seed)
