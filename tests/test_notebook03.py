@@ -86,6 +86,7 @@ MISTAKES = {
             "def max_noop_gap(layer, x):\n    with torch.no_grad():\n"
             "        return (layer(x) - layer.base(x)).abs().max()\n"
         ),
+        "autograd left on": "def max_noop_gap(layer, x):\n    return (layer(x) - layer.base(x)).abs().max().item()\n",
         "mean instead of max": (
             "def max_noop_gap(layer, x):\n    with torch.no_grad():\n"
             "        return (layer(x) - layer.base(x)).abs().mean().item()\n"
