@@ -35,13 +35,11 @@ The module imports only torch: peft is the oracle the tests compare against, nev
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorakit.lora import _check_alpha, _check_dropout, _check_rank
+from lorakit.lora import LoRALinear
 
 __all__ = ["DoRALinear", "magnitude_and_direction"]
 
@@ -63,7 +61,7 @@ def magnitude_and_direction(weight: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return magnitude, weight / magnitude.unsqueeze(1)  # (out, in) / (out, 1) -> (out, in)
 
 
-class DoRALinear(nn.Module):
+class DoRALinear(LoRALinear):
     """A frozen `nn.Linear` whose weight becomes m * (W0 + s B A) / ||W0 + s B A||, row by row.
 
     Args:
@@ -73,48 +71,17 @@ class DoRALinear(nn.Module):
         dropout: dropout probability on the adapter input (see `forward` for where peft applies it).
         rslora: use alpha / sqrt(r) instead of alpha / r.
 
-    `lora_A`, `lora_B` and `scaling` are those of `LoRALinear`; `magnitude` has shape (out_features,).
-    Adapter weights and the magnitude live in float32 when the base is in half precision (as peft does by
-    default), otherwise in the base's dtype.
+    A `LoRALinear` (same `lora_A`, `lora_B`, `scaling`, `delta_weight()`) plus `magnitude`, shape
+    (out_features,). Adapter weights and the magnitude live in float32 when the base is in half precision
+    (as peft does by default), otherwise in the base's dtype.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"DoRALinear wraps an nn.Linear, but got {type(base).__name__}")
-        self.r = _check_rank(r)
-        self.alpha = _check_alpha(alpha)
-        dropout_p = _check_dropout(dropout)
-        self.rslora = bool(rslora)
-        self.scaling = self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
-
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)  # W0 (and the bias) stay frozen: no gradient, no optimizer state
-
-        weight = base.weight  # (out_features, in_features)
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self.lora_A = nn.Parameter(torch.empty(self.r, base.in_features, dtype=dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, self.r, dtype=dtype, device=weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        super().__init__(base, r, alpha, dropout=dropout, rslora=rslora)
         # m = ||W0|| row by row, which is ||W0 + s B A|| while B = 0: the layer starts as an exact no-op.
-        self.magnitude = nn.Parameter(_row_norms(weight.detach().to(dtype)))  # (out,)
-        self.dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
-        self.merged = False
+        self.magnitude = nn.Parameter(_row_norms(self.base.weight.detach().to(self.lora_A.dtype)))  # (out,)
         # The norm the merged weight was built with; unmerge needs it, as the merged weight no longer holds W0.
         self.register_buffer("merged_norm", None, persistent=False)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    def delta_weight(self) -> torch.Tensor:
-        """The LoRA update of the direction, s * B @ A, shape (out_features, in_features)."""
-        return self.scaling * (self.lora_B @ self.lora_A)  # (out, r) @ (r, in) -> (out, in)
 
     def weight_norm(self) -> torch.Tensor:
         """||W0 + s B A|| for each output feature, shape (out_features,), detached from the graph.
@@ -126,8 +93,8 @@ class DoRALinear(nn.Module):
         weight = self.base.weight.to(self.lora_A.dtype) + self.delta_weight()  # (out, in)
         # Section 4.3 of the paper: "we suggest treating ||V + ∆V||_c in Eq. (5) as a constant, thereby
         # detaching it from the gradient graph. This means that while ||V + ∆V||_c dynamically reflects the
-        # updates of ∆V, it won't receive any gradient during backpropagation" (less memory, and in their
-        # experiments no loss in accuracy).
+        # updates of ∆V, it won't receive any gradient during backpropagation". It saves training memory; the
+        # paper reports no noticeable loss in accuracy. peft detaches the norm the same way.
         return _row_norms(weight).detach()  # (out,)
 
     def adapted_weight(self) -> torch.Tensor:
@@ -149,7 +116,8 @@ class DoRALinear(nn.Module):
         # W' x + b = W0 x + b + (scale - 1) * W0 x + scale * s * B A x: the base output plus a correction, so
         # that W0 x is computed once. With dropout, peft evaluates the correction on the dropped input and
         # must then recompute W0 on it (DoraLinearVariant.forward passes base_result=None), so the output is
-        # W0 x + b + (scale - 1) * W0 d(x) + scale * s * B A d(x): the base path alone sees the clean x.
+        # W0 x + b + (scale - 1) * W0 d(x) + scale * s * B A d(x) = W0 x + b + (W' - W0) d(x): the base path
+        # sees the clean x and dropout acts on the input of the whole update W' - W0, as in LoRA on s B A.
         if isinstance(self.dropout, nn.Identity) or not self.training:
             base_result = result if self.base.bias is None else result - self.base.bias  # (..., out) W0 x
         else:
@@ -178,6 +146,3 @@ class DoRALinear(nn.Module):
             self.base.weight.copy_(weight)
             self.merged_norm = None
             self.merged = False
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, merged={self.merged}"

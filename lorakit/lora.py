@@ -86,7 +86,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, but got {type(base).__name__}")
+            raise TypeError(f"{type(self).__name__} wraps an nn.Linear, but got {type(base).__name__}")
         self.r = _check_rank(r)
         self.alpha = _check_alpha(alpha)
         dropout_p = _check_dropout(dropout)
