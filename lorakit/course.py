@@ -118,6 +118,7 @@ def lab(port: int = 8888) -> None:
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         args.append("--allow-root")
     print(f"\nOpen the course at  http://127.0.0.1:{port}/lab?token={token}\n(stop it with Ctrl-C)\n", flush=True)
+    os.chdir(WORK)  # the student's folder, not the instructor's course root with its nbgrader_config.py
     os.execv(args[0], args)
 
 
