@@ -15,7 +15,8 @@ import re
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import LoraLayer
+from peft_tools import Tiny, inputs
+from peft_tools import make_pair as _make_pair
 from torch import nn
 from torch.nn import functional as F
 from torch.testing import assert_close
@@ -30,56 +31,9 @@ RANKS = [1, 4]
 ALPHA = 8
 
 
-class Tiny(nn.Module):
-    """The smallest model peft can wrap: one linear layer named `proj`."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        super().__init__()
-        self.proj = nn.Linear(in_features, out_features, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
-def make_pair(
-    in_features: int,
-    out_features: int,
-    *,
-    bias: bool = True,
-    r: int = 4,
-    alpha: float = ALPHA,
-    rslora: bool = False,
-    dropout: float = 0.0,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-):
-    """(lorakit DoRALinear, peft model, peft's lora.Linear) on the same base, the same A, B != 0 and m != ||W0||."""
-    torch.manual_seed(seed)
-    base = Tiny(in_features, out_features, bias).to(dtype)
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, use_dora=True, target_modules=["proj"]
-    )
-    peft_model = get_peft_model(copy.deepcopy(base), config)
-    peft_layer = peft_model.base_model.model.proj
-    with torch.no_grad():
-        peft_layer.lora_B["default"].weight.normal_()
-        m = peft_layer.lora_magnitude_vector["default"].weight
-        m.mul_(1 + 0.2 * torch.randn_like(m))
-    ours = DoRALinear(copy.deepcopy(base.proj), r=r, alpha=alpha, dropout=dropout, rslora=rslora)
-    copy_adapter(ours, peft_layer)
-    return ours, peft_model, peft_layer
-
-
-@torch.no_grad()
-def copy_adapter(ours: DoRALinear, peft_layer: LoraLayer) -> None:
-    ours.lora_A.copy_(peft_layer.lora_A["default"].weight)
-    ours.lora_B.copy_(peft_layer.lora_B["default"].weight)
-    ours.magnitude.copy_(peft_layer.lora_magnitude_vector["default"].weight)
-
-
-def inputs(in_features: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """A 2-D batch and a 3-D (batch, sequence, features) batch."""
-    return [torch.randn(3, in_features, dtype=dtype), torch.randn(2, 4, in_features, dtype=dtype)]
+def make_pair(*args, **kwargs):
+    """(lorakit DoRALinear, peft model, peft's lora.Linear with use_dora) on the same base and adapter."""
+    return _make_pair(*args, dora=True, **kwargs)
 
 
 layer_cases = pytest.mark.parametrize(
