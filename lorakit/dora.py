@@ -83,19 +83,21 @@ class DoRALinear(LoRALinear):
         # The norm the merged weight was built with; unmerge needs it, as the merged weight no longer holds W0.
         self.register_buffer("merged_norm", None, persistent=False)
 
-    def weight_norm(self) -> torch.Tensor:
-        """||W0 + s B A|| for each output feature, shape (out_features,), detached from the graph.
-
-        While merged, the norm the merged weight was built with (the base weight no longer holds W0).
-        """
-        if self.merged:
-            return self.merged_norm
+    def _weight_and_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W0 + s B A, its detached row norms), shapes (out, in) and (out,), in the adapter dtype."""
         weight = self.base.weight.to(self.lora_A.dtype) + self.delta_weight()  # (out, in)
         # Section 4.3 of the paper: "we suggest treating ||V + ∆V||_c in Eq. (5) as a constant, thereby
         # detaching it from the gradient graph. This means that while ||V + ∆V||_c dynamically reflects the
         # updates of ∆V, it won't receive any gradient during backpropagation". It saves training memory; the
         # paper reports no noticeable loss in accuracy. peft detaches the norm the same way.
-        return _row_norms(weight).detach()  # (out,)
+        return weight, _row_norms(weight).detach()  # (out,)
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W0 + s B A|| for each output feature, shape (out_features,), detached from the graph.
+
+        While merged, the norm the merged weight was built with (the base weight no longer holds W0).
+        """
+        return self.merged_norm if self.merged else self._weight_and_norm()[1]
 
     def adapted_weight(self) -> torch.Tensor:
         """W' = m * (W0 + s B A) / ||W0 + s B A||, shape (out_features, in_features): the weight merge writes.
@@ -104,8 +106,8 @@ class DoRALinear(LoRALinear):
         """
         if self.merged:
             return self.base.weight.detach().to(self.lora_A.dtype, copy=True)
-        weight = self.base.weight.to(self.lora_A.dtype) + self.delta_weight()  # (out, in)
-        return (self.magnitude / self.weight_norm()).unsqueeze(1) * weight  # (out, 1) * (out, in) -> (out, in)
+        weight, norm = self._weight_and_norm()
+        return (self.magnitude / norm).unsqueeze(1) * weight  # (out, 1) * (out, in) -> (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)  # (..., out) = W0 x + b

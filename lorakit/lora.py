@@ -38,16 +38,24 @@ __all__ = [
 ]
 
 
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` should be a positive integer, but the value passed is {value!r}")
+    return int(value)
+
+
+def _positive_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` should be a positive finite number, but the value passed is {value!r}")
+    return float(value)
+
+
 def _check_rank(r: object) -> int:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-        raise ValueError(f"`r` should be a positive integer, but the value passed is {r!r}")
-    return int(r)
+    return _positive_int("r", r)
 
 
 def _check_alpha(alpha: object) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"`alpha` should be a positive finite number, but the value passed is {alpha!r}")
-    return float(alpha)
+    return _positive_number("alpha", alpha)
 
 
 def _check_dropout(dropout: object) -> float:
@@ -62,10 +70,7 @@ def lora_parameter_count(d_in: int, d_out: int, r: int) -> int:
     >>> lora_parameter_count(4096, 4096, 16)
     131072
     """
-    r = _check_rank(r)
-    for name, value in (("d_in", d_in), ("d_out", d_out)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"`{name}` should be a positive integer, but the value passed is {value!r}")
+    r, d_in, d_out = _check_rank(r), _positive_int("d_in", d_in), _positive_int("d_out", d_out)
     return r * d_in + d_out * r
 
 
@@ -230,7 +235,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters), counted once each, as peft's method of that name."""
-    params = {id(p): p for p in model.parameters()}.values()
+    params = list(model.parameters())  # a tied weight (lm_head = embed_tokens) is yielded once
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 

@@ -25,7 +25,6 @@ The calculators return small frozen dataclasses that print as aligned tables; no
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorakit.lora import lora_parameter_count
+from lorakit.lora import _positive_int, _positive_number, lora_parameter_count
 
 __all__ = [
     "GB",
@@ -69,18 +68,6 @@ KB = 1e3
 # ---------------------------------------------------------------------------------------------------
 # Small helpers: argument checks and the text table every result prints as
 # ---------------------------------------------------------------------------------------------------
-
-
-def _positive_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` should be a positive finite number, but the value passed is {value!r}")
-    return float(value)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` should be a positive integer, but the value passed is {value!r}")
-    return int(value)
 
 
 def _fmt(value: object) -> str:
@@ -565,10 +552,6 @@ def _unique_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return list({id(p): p for p in model.parameters()}.values())  # tied weights (lm_head = embed) once
-
-
 def _nbytes(p: torch.Tensor) -> int:
     return p.numel() * p.element_size()
 
@@ -588,7 +571,7 @@ def predict_training_state(model: nn.Module, amsgrad: bool = False) -> TrainingS
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"predict_training_state expects an nn.Module, but got {type(model).__name__}")
-    params = _unique_parameters(model)
+    params = list(model.parameters())  # a tied weight (lm_head = embed_tokens) is yielded once
     trainable = [p for p in params if p.requires_grad]
     train_bytes = sum(_nbytes(p) for p in trainable)
     step_bytes = torch.empty((), dtype=torch.get_default_dtype()).element_size()
@@ -628,7 +611,7 @@ def measure_training_state(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"measure_training_state expects an nn.Module, but got {type(model).__name__}")
-    params = _unique_parameters(model)
+    params = list(model.parameters())  # a tied weight (lm_head = embed_tokens) is yielded once
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         raise ValueError("no parameter requires grad: add adapters (add_lora) or unfreeze something first")

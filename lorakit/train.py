@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from lorakit.lora import _positive_int
+
 IGNORE_INDEX = -100
 
 
@@ -63,8 +65,7 @@ def train(
     Batches cycle through `examples` in a seeded shuffled order. Runs in the model's own dtype
     (float32 in the notebooks, so results do not depend on the CPU's bf16 support).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`steps` should be a positive integer, but the value passed is {steps!r}")
+    steps = _positive_int("steps", steps)
     if len(examples) < batch_size:
         raise ValueError(f"need at least batch_size={batch_size} examples, got {len(examples)}")
     params = [p for p in model.parameters() if p.requires_grad]
