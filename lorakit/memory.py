@@ -58,6 +58,12 @@ __all__ = [
     "TrainingState",
     "measure_training_state",
     "predict_training_state",
+    "ModelShape",
+    "MODEL_SHAPES",
+    "TARGET_PRESETS",
+    "METHODS",
+    "MemoryBreakdown",
+    "finetune_memory",
 ]
 
 GB = 1e9
@@ -655,3 +661,126 @@ def measure_training_state(
         activations=sum(saved.values()),
         saved_parameter_bytes=sum(saved_params.values()),
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole models by architecture: full fine-tuning, LoRA and QLoRA side by side (the memory explorer)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A LLaMA-style decoder by its sizes: `kv_dim` is the width of k_proj and v_proj (smaller than
+    `hidden` under grouped-query attention); `tied` means lm_head shares the embedding matrix."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    vocab: int
+    tied: bool
+
+    @property
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(d_in, d_out) of the seven linear layers of one block."""
+        h, f, kv = self.hidden, self.intermediate, self.kv_dim
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+    @property
+    def params(self) -> int:
+        block = sum(i * o for i, o in self.linear_shapes.values()) + 2 * self.hidden  # + two RMSNorm weights
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * block + embeddings + self.hidden  # + the final norm
+
+    def adapter_params(self, r: int, targets: str | Iterable[str] = ("q_proj", "v_proj")) -> int:
+        return self.layers * lora_budget(r, targets, self.linear_shapes).adapter_params
+
+
+MODEL_SHAPES: dict[str, ModelShape] = {
+    s.name: s
+    for s in (
+        ModelShape("SmolLM2-135M", 30, 576, 1536, 192, 49152, tied=True),
+        ModelShape("LLaMA-7B", 32, 4096, 11008, 4096, 32000, tied=False),
+        ModelShape("LLaMA-65B", 80, 8192, 22016, 8192, 32000, tied=False),
+        ModelShape("Llama-2-70B", 80, 8192, 28672, 1024, 32000, tied=False),
+    )
+}
+
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "q,v": ("q_proj", "v_proj"),
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all-linear": tuple(LLAMA_BLOCK_4096),
+}
+
+METHODS = ("full", "LoRA", "QLoRA")
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Training-state memory of one model under one method, by component, in GB (no activations).
+
+    Mixed precision as the lesson counts it: 16-bit weights and gradients, two fp32 Adam moments, and
+    optionally an fp32 master copy, for every *trainable* parameter. The frozen base costs 2 bytes per
+    parameter (16-bit) under LoRA and 4.127 bits under QLoRA (NF4 with double quantization).
+    """
+
+    model: str
+    method: str
+    params: int
+    trainable: int
+    components: tuple[tuple[str, float], ...]
+
+    @property
+    def total_gb(self) -> float:
+        return sum(gb for _, gb in self.components)
+
+    def __str__(self) -> str:
+        title = (f"{self.method} on {self.model}: {self.trainable:,d} trainable of {self.params:,d} parameters "
+                 f"({100 * self.trainable / self.params:.3g}%)")
+        return _table(title, ("component", "GB"), [*self.components, ("total", self.total_gb)])
+
+
+def finetune_memory(
+    model: str | ModelShape = "Llama-2-70B",
+    method: str = "LoRA",
+    r: int = 16,
+    targets: str | Iterable[str] = "q,v",
+    master_weights: bool = False,
+) -> MemoryBreakdown:
+    """Weights, gradients and optimizer state of full fine-tuning, LoRA or QLoRA of a whole model.
+
+    `targets` is a preset ("q,v", "attention", "all-linear") or a list of module names; `r` and
+    `targets` are ignored for full fine-tuning.
+
+    >>> round(finetune_memory("LLaMA-65B", "full").total_gb)   # 65.3B parameters x 12 bytes
+    783
+    """
+    shape = model if isinstance(model, ModelShape) else MODEL_SHAPES.get(model)
+    if shape is None:
+        raise ValueError(f"`model` should be one of {sorted(MODEL_SHAPES)} or a ModelShape, but got {model!r}")
+    if method not in METHODS:
+        raise ValueError(f"`method` should be one of {METHODS}, but the value passed is {method!r}")
+    if isinstance(targets, str):
+        if targets not in TARGET_PRESETS:
+            raise ValueError(f"`targets` should be one of {sorted(TARGET_PRESETS)} or a list of module names, "
+                             f"but the value passed is {targets!r}")
+        targets = TARGET_PRESETS[targets]
+    n = shape.params
+    trainable = n if method == "full" else shape.adapter_params(_positive_int("r", r), targets)
+    frozen = n - trainable if method == "full" else n
+    rows: list[tuple[str, float]] = []
+    if method == "full":
+        rows.append(("16-bit weights (trainable)", 2 * trainable / GB))
+    elif method == "LoRA":
+        rows.append(("16-bit frozen base", 2 * frozen / GB))
+        rows.append(("16-bit adapter weights", 2 * trainable / GB))
+    else:
+        rows.append(("NF4 frozen base (4.127 bits)", nf4_bits_per_param(True) / 8 * frozen / GB))
+        rows.append(("16-bit adapter weights", 2 * trainable / GB))
+    rows.append(("16-bit gradients", 2 * trainable / GB))
+    rows.append(("fp32 Adam moments m, v", 8 * trainable / GB))
+    if master_weights:
+        rows.append(("fp32 master weights", 4 * trainable / GB))
+    return MemoryBreakdown(shape.name, method, n, trainable, tuple(rows))

@@ -22,10 +22,12 @@ from lorakit.memory import (
     GB,
     KB,
     MB,
+    MODEL_SHAPES,
     RECIPES,
     Recipe,
     compare_finetuning,
     dora_extra_params,
+    finetune_memory,
     lora_budget,
     measure_training_state,
     multi_adapter_storage,
@@ -129,6 +131,37 @@ def test_dora_extra_params():
     assert f"{o.percent:.2f}" == "3.12"
 
 
+def test_model_shapes_count_the_real_parameters(smollm2):
+    base, _ = smollm2
+    assert MODEL_SHAPES["SmolLM2-135M"].params == sum(p.numel() for p in base.parameters())
+    assert MODEL_SHAPES["LLaMA-7B"].params == 6_738_415_616  # the published LLaMA-7B count
+    assert MODEL_SHAPES["Llama-2-70B"].params == 68_976_648_192
+    shapes = MODEL_SHAPES["SmolLM2-135M"].linear_shapes
+    layer = base.model.layers[0]
+    for name, (d_in, d_out) in shapes.items():
+        module = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
+        assert (module.in_features, module.out_features) == (d_in, d_out), name
+
+
+def test_finetune_memory_matches_the_recipes_and_counts_adapters(smollm2):
+    base, _ = smollm2
+    full = finetune_memory("LLaMA-65B", "full")
+    assert math.isclose(full.total_gb, 12 * full.params / GB)
+    assert math.isclose(finetune_memory("LLaMA-65B", "full", master_weights=True).total_gb, 16 * full.params / GB)
+    lora = finetune_memory("LLaMA-65B", "LoRA", r=16, targets="q,v")
+    assert lora.trainable == 80 * 262_144 * 2  # the lesson's 262,144 per 4096-wide block, doubled at 8192
+    assert math.isclose(lora.total_gb, (2 * lora.params + 12 * lora.trainable) / GB)
+    qlora = finetune_memory("LLaMA-65B", "QLoRA", r=16, targets="q,v")
+    assert math.isclose(qlora.total_gb - 12 * qlora.trainable / GB, qlora.params * 4.127 / 8 / GB, rel_tol=1e-3)
+    assert "trainable" in str(lora) and "total" in str(lora)
+    # the adapter count on SmolLM2's real shapes equals lorakit.lora's count on the real model
+    model = copy.deepcopy(base)
+    add_lora(model, "all-linear", r=8, alpha=16)
+    real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert finetune_memory("SmolLM2-135M", "LoRA", r=8, targets="all-linear").trainable == real
+    assert finetune_memory("SmolLM2-135M", "LoRA", r=8, targets=["k_proj"]).trainable == 30 * 8 * (576 + 192)
+
+
 def test_doctests():
     result = doctest.testmod(lorakit.memory)
     assert result.attempted > 0 and result.failed == 0
@@ -161,6 +194,11 @@ def test_doctests():
         (lambda: multi_adapter_storage(tenants=0), "0"),
         (lambda: multi_adapter_storage(adapter_mb=-128), "-128"),
         (lambda: dora_extra_params(4096, 4096, 1.5), "1.5"),
+        (lambda: finetune_memory("GPT-5"), "'GPT-5'"),
+        (lambda: finetune_memory(method="IA3"), "'IA3'"),
+        (lambda: finetune_memory(targets="mlp"), "'mlp'"),
+        (lambda: finetune_memory(targets=["qkv"]), "'qkv'"),
+        (lambda: finetune_memory(r=0), "0"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_value(call, shown):
