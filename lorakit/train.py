@@ -20,19 +20,28 @@ from lorakit.lora import _positive_int
 IGNORE_INDEX = -100
 
 
-def encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+def prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    """The prompt as a user turn in the chat template, ending with the assistant header.
+
+    `system=None` leaves the template's default system message in place (SmolLM2 inserts its own, about 20
+    tokens); pass a string (`lorakit.data.SYSTEM`, or "" for an empty one) to keep sequences short."""
+    messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def encode(tokenizer, prompt: str, answer: str, system: str | None = None) -> tuple[list[int], list[int]]:
     """(input ids, labels) for one example: the prompt in the chat template, then the answer and
     the end-of-turn token; labels are -100 everywhere but on the answer tokens."""
-    prompt_ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-    )
+    ids = prompt_ids(tokenizer, prompt, system)
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    return ids + answer_ids, [IGNORE_INDEX] * len(ids) + answer_ids
 
 
-def collate(tokenizer, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+def collate(tokenizer, examples: Sequence[dict], system: str | None = None) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask and labels, each (B, T)."""
-    pairs = [encode(tokenizer, ex["prompt"], ex["answer"]) for ex in examples]
+    pairs = [encode(tokenizer, ex["prompt"], ex["answer"], system) for ex in examples]
     width = max(len(ids) for ids, _ in pairs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.full((len(pairs), width), pad, dtype=torch.long)  # (B, T)
@@ -59,10 +68,13 @@ def train(
     lr: float = 2e-3,
     seed: int = 0,
     progress: bool = True,
+    system: str | None = None,
 ) -> list[float]:
     """Train the parameters that require grad with AdamW for `steps` steps; returns the loss per step.
 
-    Batches cycle through `examples` in a seeded shuffled order. Runs in the model's own dtype
+    Batches cycle through `examples` in a seeded shuffled order; `system` is the chat template's system
+    message (see `prompt_ids`). For many steps on SmolLM2, `lorakit.fast.train_cached` trains only the top
+    layers from cached hidden states, many times faster and with the same loss. Runs in the model's own dtype
     (float32 in the notebooks, so results do not depend on the CPU's bf16 support).
     """
     steps = _positive_int("steps", steps)
@@ -83,7 +95,7 @@ def train(
     for step in bar:
         start = (step * batch_size) % len(order)
         idx = (order + order)[start : start + batch_size]
-        loss = answer_loss(model, collate(tokenizer, [examples[i] for i in idx]))
+        loss = answer_loss(model, collate(tokenizer, [examples[i] for i in idx], system))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
