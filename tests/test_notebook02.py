@@ -1,0 +1,99 @@
+"""Notebook 02's graded tests (visible and hidden) accept the solution and reject the common mistakes:
+the smallest singular values kept instead of the largest, S forgotten, V used where Vh belongs, energy
+without squares, off-by-one ranks, a fraction where a percentage is asked. No kernel, no model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from notebook_tools import graded_cells, source_notebook, strip_markers
+
+from lorakit.lora import lora_parameter_count
+from lorakit.memory import square_projection_table
+
+CELLS = graded_cells(source_notebook("02-low-rank-updates"))
+SOLUTIONS = ["truncated_svd", "energy_captured", "rank_table"]
+
+
+def _namespace(seed: int) -> dict:
+    # what the notebook defines before the exercises: section 2's matrices (same recipe, another seed)
+    g = torch.Generator().manual_seed(seed)
+    low_rank = torch.randn(256, 4, generator=g) @ torch.randn(4, 256, generator=g)
+    noisy = low_rank + 0.5 * torch.randn(256, 256, generator=g)
+    return {"torch": torch, "noisy": noisy, "lora_parameter_count": lora_parameter_count,
+            "square_projection_table": square_projection_table}
+
+
+def run_exercise(answer_id: str, answer_source: str, seed: int = 0) -> None:
+    ns = _namespace(seed)
+    exec(answer_source, ns)
+    exec(CELLS["test_" + answer_id].source, ns)
+
+
+@pytest.mark.parametrize("answer_id", SOLUTIONS)
+def test_solution_passes_visible_and_hidden_tests(answer_id):
+    for seed in range(3):
+        run_exercise(answer_id, strip_markers(CELLS[answer_id].source), seed)
+
+
+SVD = "def truncated_svd(M, r):\n    U, S, Vh = torch.linalg.svd(M, full_matrices=False)\n"
+EN = "def energy_captured(S, r):\n"
+ER = "def effective_rank(S, threshold=0.9):\n"
+GOOD_EN = EN + "    e = S.double() ** 2\n    return float(e[:r].sum() / e.sum())\n"
+GOOD_ER = ER + "    e = S.double() ** 2\n    c = e.cumsum(0) / e.sum()\n" \
+    "    return int((c < threshold - 1e-12).sum()) + 1\n"
+TABLE = "def rank_table(d_in, d_out, ranks):\n"
+
+MISTAKES = {
+    "truncated_svd": {
+        "smallest singular values": SVD + "    return U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:]\n",
+        "S forgotten": SVD + "    return U[:, :r] @ Vh[:r]\n",
+        "V instead of Vh": SVD + "    V = Vh.T\n    return U[:, :r] @ torch.diag(S[:r]) @ V[:r]\n",
+        "one term too many": SVD + "    return U[:, :r + 1] @ torch.diag(S[:r + 1]) @ Vh[:r + 1]\n",
+        "columns truncated instead": "def truncated_svd(M, r):\n    X = M.clone()\n    X[:, r:] = 0\n    return X\n",
+    },
+    "energy_captured": {
+        "no squares": EN + "    return float(S[:r].sum() / S.sum())\n" + GOOD_ER,
+        "tensor instead of float": EN + "    e = S ** 2\n    return e[:r].sum() / e.sum()\n" + GOOD_ER,
+        "effective rank off by one": GOOD_EN + ER + "    e = S.double() ** 2\n    c = e.cumsum(0) / e.sum()\n"
+        "    return int((c < threshold).sum())\n",
+        "strict > threshold": GOOD_EN + ER + "    e = S.double() ** 2\n    c = e.cumsum(0) / e.sum()\n"
+        "    return int((c <= threshold).sum()) + 1\n",
+    },
+    "rank_table": {
+        "fraction not percent": TABLE + "    return {r: (r * (d_in + d_out), r * (d_in + d_out) / (d_in * d_out))"
+        " for r in ranks}\n",
+        "square-only 2rd": TABLE + "    return {r: (2 * r * d_in, 100 * 2 * r * d_in / (d_in * d_out))"
+        " for r in ranks}\n",
+        "hard-coded lesson table": TABLE + "    return {8: (65536, 0.390625), 16: (131072, 0.78125),"
+        " 64: (524288, 3.125)}\n",
+    },
+}
+
+
+@pytest.mark.parametrize("answer_id,label", [(a, label) for a, cases in MISTAKES.items() for label in cases])
+def test_mistake_fails_the_tests(answer_id, label):
+    with pytest.raises(Exception):  # noqa: B017  (an assertion, or the error a wrong answer raises)
+        run_exercise(answer_id, MISTAKES[answer_id][label])
+
+
+ALTERNATIVES = {
+    "truncated_svd": {
+        "scaled columns": SVD + "    return (U[:, :r] * S[:r]) @ Vh[:r]\n",
+        "sum of rank-1 terms": SVD + "    return sum(S[i] * torch.outer(U[:, i], Vh[i]) for i in range(r))\n",
+    },
+    "energy_captured": {
+        "a loop": EN + "    tot = sum(float(s) ** 2 for s in S)\n    return sum(float(s) ** 2 for s in S[:r]) / tot\n"
+        + ER + "    r = 1\n    while energy_captured(S, r) < threshold - 1e-12:\n        r += 1\n    return r\n",
+    },
+    "rank_table": {
+        "with lorakit": TABLE + "    return {r: (lora_parameter_count(d_in, d_out, r),"
+        " 100.0 * lora_parameter_count(d_in, d_out, r) / d_in / d_out) for r in ranks}\n",
+    },
+}
+
+
+@pytest.mark.parametrize("answer_id,label", [(a, label) for a, cases in ALTERNATIVES.items() for label in cases])
+def test_other_correct_answers_pass(answer_id, label):
+    for seed in range(3):
+        run_exercise(answer_id, ALTERNATIVES[answer_id][label], seed)
