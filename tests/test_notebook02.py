@@ -12,7 +12,7 @@ from lorakit.lora import lora_parameter_count
 from lorakit.memory import square_projection_table
 
 CELLS = graded_cells(source_notebook("02-low-rank-updates"))
-SOLUTIONS = ["truncated_svd", "energy_captured", "rank_table"]
+SOLUTIONS = ["truncated_svd", "energy_captured", "effective_rank", "rank_table"]
 
 
 def _namespace(seed: int) -> dict:
@@ -53,12 +53,16 @@ MISTAKES = {
         "columns truncated instead": "def truncated_svd(M, r):\n    X = M.clone()\n    X[:, r:] = 0\n    return X\n",
     },
     "energy_captured": {
-        "no squares": EN + "    return float(S[:r].sum() / S.sum())\n" + GOOD_ER,
-        "tensor instead of float": EN + "    e = S ** 2\n    return e[:r].sum() / e.sum()\n" + GOOD_ER,
-        "effective rank off by one": GOOD_EN + ER + "    e = S.double() ** 2\n    c = e.cumsum(0) / e.sum()\n"
+        "no squares": EN + "    return float(S[:r].sum() / S.sum())\n",
+        "tensor instead of float": EN + "    e = S ** 2\n    return e[:r].sum() / e.sum()\n",
+        "one value too many": EN + "    e = S.double() ** 2\n    return float(e[:r + 1].sum() / e.sum())\n",
+    },
+    "effective_rank": {
+        "off by one": ER + "    e = S.double() ** 2\n    c = e.cumsum(0) / e.sum()\n"
         "    return int((c < threshold).sum())\n",
-        "strict > threshold": GOOD_EN + ER + "    e = S.double() ** 2\n    c = e.cumsum(0) / e.sum()\n"
+        "strict > threshold": ER + "    e = S.double() ** 2\n    c = e.cumsum(0) / e.sum()\n"
         "    return int((c <= threshold).sum()) + 1\n",
+        "no squares": ER + "    c = S.cumsum(0) / S.sum()\n    return int((c < threshold - 1e-12).sum()) + 1\n",
     },
     "rank_table": {
         "fraction not percent": TABLE + "    return {r: (r * (d_in + d_out), r * (d_in + d_out) / (d_in * d_out))"
@@ -83,8 +87,11 @@ ALTERNATIVES = {
         "sum of rank-1 terms": SVD + "    return sum(S[i] * torch.outer(U[:, i], Vh[i]) for i in range(r))\n",
     },
     "energy_captured": {
-        "a loop": EN + "    tot = sum(float(s) ** 2 for s in S)\n    return sum(float(s) ** 2 for s in S[:r]) / tot\n"
-        + ER + "    r = 1\n    while energy_captured(S, r) < threshold - 1e-12:\n        r += 1\n    return r\n",
+        "a loop": EN + "    tot = sum(float(s) ** 2 for s in S)\n    return sum(float(s) ** 2 for s in S[:r]) / tot\n",
+    },
+    "effective_rank": {
+        "a loop over exercise 2": GOOD_EN + ER + "    r = 1\n    while energy_captured(S, r) < threshold - 1e-12:\n"
+        "        r += 1\n    return r\n",
     },
     "rank_table": {
         "with lorakit": TABLE + "    return {r: (lora_parameter_count(d_in, d_out, r),"
