@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from lorakit.data import ACTIONS, SYSTEM
 from lorakit.lora import _positive_int, _positive_number
-from lorakit.train import IGNORE_INDEX, encode, prompt_ids
+from lorakit.train import IGNORE_INDEX, encode, optimize, prompt_ids
 
 __all__ = [
     "HiddenCache",
@@ -272,26 +272,19 @@ def train_cached(
     params = _check_trainable(model, cache.start)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    was_training = model.training
-    model.train()
     order: list[int] = []
-    losses = []
-    bar = tqdm(range(steps), desc=f"training layers {cache.start}+", **({} if progress else {"disable": True}))
-    for _ in bar:
+
+    def step_loss(step: int) -> torch.Tensor:
+        nonlocal order
         if len(order) < batch_size:
             epoch = list(range(len(cache)))
             rng.shuffle(epoch)
             order += epoch
         idx, order = order[:batch_size], order[batch_size:]
-        loss = cached_loss(model, cache, idx)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.train(was_training)
-    return losses
+        return cached_loss(model, cache, idx)
+
+    return optimize(model, params, steps, step_loss, lr=lr, weight_decay=weight_decay,
+                    desc=f"training layers {cache.start}+", progress=progress)
 
 
 def _prompt_learning_offset(model: nn.Module) -> int | None:

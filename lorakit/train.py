@@ -10,7 +10,7 @@ A chat-formatted prompt, then the answer; the loss is cross-entropy on the answe
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -86,20 +86,43 @@ def train(
     torch.manual_seed(seed)
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def step_loss(step: int) -> torch.Tensor:
+        start = (step * batch_size) % len(order)
+        idx = (order + order)[start : start + batch_size]
+        return answer_loss(model, collate(tokenizer, [examples[i] for i in idx], system))
+
+    return optimize(model, params, steps, step_loss, lr=lr, desc="training", progress=progress)
+
+
+def optimize(
+    model,
+    params: Sequence[torch.nn.Parameter],
+    steps: int,
+    step_loss: Callable[[int], torch.Tensor],
+    lr: float,
+    weight_decay: float = 0.0,
+    desc: str = "training",
+    progress: bool = True,
+) -> list[float]:
+    """The loop every trainer here shares: `steps` AdamW steps on `params`, each on the loss `step_loss(step)`
+    returns, with `model` in training mode (restored after); returns the loss of every step.
+
+    progress=False always hides the tqdm bar; otherwise tqdm's own settings apply (TQDM_DISABLE=1 hides it in CI).
+    """
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     was_training = model.training
     model.train()
     losses = []
-    # progress=False always hides the bar; otherwise tqdm's own settings apply (TQDM_DISABLE=1 hides it in CI)
-    bar = tqdm(range(steps), desc="training", **({} if progress else {"disable": True}))
-    for step in bar:
-        start = (step * batch_size) % len(order)
-        idx = (order + order)[start : start + batch_size]
-        loss = answer_loss(model, collate(tokenizer, [examples[i] for i in idx], system))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.train(was_training)
+    bar = tqdm(range(steps), desc=desc, **({} if progress else {"disable": True}))
+    try:
+        for step in bar:
+            loss = step_loss(step)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        model.train(was_training)
     return losses
