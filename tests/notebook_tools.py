@@ -23,3 +23,14 @@ def graded_cells(nb: nbformat.NotebookNode) -> dict[str, nbformat.NotebookNode]:
 def strip_markers(source: str) -> str:
     """The solution as a student would type it: the code between the markers, markers removed."""
     return SOLUTION_BLOCK.sub(lambda m: m.group(1), source)
+
+
+def run_graded(cells: dict[str, nbformat.NotebookNode], answer_id: str, answer_source: str, namespace: dict,
+               before: list[str] | tuple[str, ...] = (), replaced: dict[str, str] | None = None) -> None:
+    """Run `answer_source` in place of answer cell `answer_id`, then its test cell (visible and hidden tests),
+    in `namespace`. The exercises named in `before` run first, for answers that call them: their solutions, or
+    the source `replaced` gives for them."""
+    for grade_id in before:
+        exec((replaced or {}).get(grade_id, strip_markers(cells[grade_id].source)), namespace)
+    exec(answer_source, namespace)
+    exec(cells["test_" + answer_id].source, namespace)

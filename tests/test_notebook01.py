@@ -5,7 +5,7 @@ bytes, savings computed the wrong way round. Runs the test cells directly: no ke
 from __future__ import annotations
 
 import pytest
-from notebook_tools import graded_cells, source_notebook, strip_markers
+from notebook_tools import graded_cells, run_graded, source_notebook, strip_markers
 
 from lorakit.memory import (
     MODEL_SHAPES,
@@ -38,11 +38,8 @@ def _namespace() -> dict:
 
 
 def run_exercise(answer_id: str, answer_source: str, earlier: dict[str, str] | None = None) -> None:
-    ns = _namespace()
-    for gid in SOLUTIONS[: SOLUTIONS.index(answer_id)]:  # earlier exercises, solved as in the solution
-        exec((earlier or {}).get(gid, strip_markers(CELLS[gid].source)), ns)
-    exec(answer_source, ns)
-    exec(CELLS["test_" + answer_id].source, ns)
+    before = SOLUTIONS[: SOLUTIONS.index(answer_id)]  # earlier exercises, solved as in the solution or as `earlier`
+    run_graded(CELLS, answer_id, answer_source, _namespace(), before=before, replaced=earlier)
 
 
 @pytest.mark.parametrize("answer_id", SOLUTIONS)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from notebook_tools import graded_cells, source_notebook, strip_markers
+from notebook_tools import graded_cells, run_graded, source_notebook, strip_markers
 
 from lorakit.lora import lora_parameter_count
 from lorakit.memory import square_projection_table
@@ -25,9 +25,7 @@ def _namespace(seed: int) -> dict:
 
 
 def run_exercise(answer_id: str, answer_source: str, seed: int = 0) -> None:
-    ns = _namespace(seed)
-    exec(answer_source, ns)
-    exec(CELLS["test_" + answer_id].source, ns)
+    run_graded(CELLS, answer_id, answer_source, _namespace(seed))
 
 
 @pytest.mark.parametrize("answer_id", SOLUTIONS)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from notebook_tools import graded_cells, source_notebook, strip_markers
+from notebook_tools import graded_cells, run_graded, source_notebook, strip_markers
 from torch import nn
 
 from lorakit.lora import LoRALinear
@@ -25,9 +25,7 @@ def _namespace(seed: int) -> dict:
 
 
 def run_exercise(answer_id: str, answer_source: str, seed: int = 0) -> None:
-    ns = _namespace(seed)
-    exec(answer_source, ns)
-    exec(CELLS["test_" + answer_id].source, ns)
+    run_graded(CELLS, answer_id, answer_source, _namespace(seed))
 
 
 SOLUTIONS = ["lora_param_count", "init_lora_factors", "lora_forward", "lora_scaling", "max_noop_gap"]

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from notebook_tools import graded_cells, source_notebook, strip_markers
+from notebook_tools import graded_cells, run_graded, source_notebook, strip_markers
 from torch import nn
 
 from lorakit.memory import LLAMA_BLOCK_4096, MODEL_SHAPES, finetune_memory, lora_budget  # lorakit before peft
@@ -36,9 +36,7 @@ def _namespace() -> dict:
 
 
 def run_exercise(answer_id: str, answer_source: str) -> None:
-    ns = _namespace()
-    exec(answer_source, ns)
-    exec(CELLS["test_" + answer_id].source, ns)
+    run_graded(CELLS, answer_id, answer_source, _namespace())
 
 
 @pytest.mark.parametrize("answer_id", SOLUTIONS)

@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 import torch
-from notebook_tools import graded_cells, source_notebook, strip_markers
+from notebook_tools import graded_cells, run_graded, source_notebook, strip_markers
 
 from lorakit.nf4 import NF4_CODE, NF4_OFFSET, NF4Tensor, dequantize_nf4, nf4_code, quantize_nf4
 
@@ -26,9 +26,7 @@ def _namespace() -> dict:
 
 
 def run_exercise(answer_id: str, answer_source: str) -> None:
-    ns = _namespace()
-    exec(answer_source, ns)
-    exec(CELLS["test_" + answer_id].source, ns)
+    run_graded(CELLS, answer_id, answer_source, _namespace())
 
 
 @pytest.mark.parametrize("answer_id", SOLUTIONS)
