@@ -357,6 +357,18 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     return NF4Tensor(data, None, blocksize, shape, w.dtype, absmax_code, absmax_scale, absmax_offset)
 
 
+# Dequantization is a table lookup: each packed byte indexes a 256-entry table of its two levels (high
+# nibble first), stored as one int64 so that a 1-D index_select moves both at once; the levels are then
+# multiplied by their block's absmax. Done on a big tensor all at once, this needs a full-size temporary
+# (int32 indices, 4 bytes per packed byte: 32 MB for a 4096 x 4096 matrix) and streams the whole output
+# through memory twice (lookup, then multiplication). Instead the bytes are processed in chunks of whole
+# blocks: a chunk's indices are a small temporary, the lookup writes the levels straight into the output
+# (viewed as int64), and the multiplication scales them in place right after, while they are still in
+# cache. Up to `_DEQUANT_CHUNK_BYTES` packed bytes (2M values, every matrix of a small model) are a single
+# chunk: the plain whole-tensor computation.
+_DEQUANT_CHUNK_BYTES = 1024 * 1024
+
+
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The tensor `q` stands for: each code's level times its block's absmax, in `q.shape`.
 
@@ -365,14 +377,24 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"dequantize_nf4 expects an NF4Tensor, but got {type(q).__name__}")
     dtype = q.dtype if dtype is None else dtype
-    n = q.numel
-    _, _, _, byte_pairs = _nf4_tables(q.data.device)
-    values = byte_pairs.index_select(0, q.data.to(torch.int32)).view(torch.float32)  # (2 * bytes,) in order
+    n, bs, data = q.numel, q.blocksize, q.data
+    nbytes = data.numel()
+    _, _, _, byte_pairs = _nf4_tables(data.device)
     absmax = q.absmax_float()
-    full = n - n % q.blocksize
-    if full:
-        values[:full].view(-1, q.blocksize).mul_(absmax[: full // q.blocksize].unsqueeze(1))
-    if full < n:
-        values[full:n].mul_(absmax[-1])
+    nblocks = absmax.numel()
+    # Room for whole blocks, so that one broadcast multiplication scales every block, the ragged last one
+    # too: its positions past the last byte's two levels are left unset (scaled for nothing, never returned).
+    values = torch.empty(nblocks * bs, dtype=torch.float32, device=data.device)
+    pairs = values.view(torch.int64)[:nbytes]  # pairs[i]: the two levels of byte i
+    blocks, scale = values.view(nblocks, bs), absmax.unsqueeze(1)
+    step = max(1, _DEQUANT_CHUNK_BYTES // (bs // 2))  # blocks per chunk; off the CPU, no cache to fit in
+    if nblocks <= step or not data.is_cpu:
+        chunks = [(data, pairs, blocks, scale)]
+    else:  # as many pieces of each: every piece of `data` is whole blocks, but the last may end mid-block
+        chunk = step * bs // 2
+        chunks = zip(data.split(chunk), pairs.split(chunk), blocks.split(step), scale.split(step), strict=True)
+    for chunk_bytes, chunk_pairs, chunk_blocks, chunk_scale in chunks:
+        torch.index_select(byte_pairs, 0, chunk_bytes.to(torch.int32), out=chunk_pairs)
+        chunk_blocks.mul_(chunk_scale)
     out = values[:n] if values.numel() > n else values
     return out.view(q.shape).to(dtype)

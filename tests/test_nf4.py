@@ -142,6 +142,33 @@ def test_quantization_error_is_that_of_the_nearest_level():
     torch.testing.assert_close(got, nearest, atol=1e-6, rtol=0)
 
 
+def reference_dequantize(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The definition, without tricks: level of each nibble (high first) times its block's absmax, in
+    float32, cast once."""
+    codes = torch.stack([q.data >> 4, q.data & 15], 1).view(-1)[: q.numel].long()
+    scale = q.absmax_float().repeat_interleave(q.blocksize)[: q.numel]
+    return (NF4_CODE[codes] * scale).to(dtype).view(q.shape)
+
+
+CHUNK_CASES = [(shape, chunk) for shape in [(7,), (1,), (3, 5, 7), (160, 61)] for chunk in [1, 96, 4096, None]]
+CHUNK_CASES += [((1000003,), 4096), ((2200001,), None)]  # None: the default chunk size, here two chunks
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+@pytest.mark.parametrize(("shape", "chunk_bytes"), CHUNK_CASES, ids=str)
+def test_chunked_dequantize_equals_the_definition(shape, chunk_bytes, blocksize, dtype, double_quant, monkeypatch):
+    """Bit-exact for every chunk size (smaller than a block, not a multiple of it, the default), ragged
+    last blocks, odd counts, every output dtype and double-quantized constants."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr("lorakit.nf4._DEQUANT_CHUNK_BYTES", chunk_bytes)
+    q = quantize_nf4(weights(shape), blocksize=blocksize, double_quant=double_quant)
+    out = dequantize_nf4(q, dtype)
+    assert out.shape == torch.Size(shape) and out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, reference_dequantize(q, dtype))
+
+
 # --- double quantization --------------------------------------------------------------------------------
 
 
