@@ -18,7 +18,8 @@ export MPLCONFIGDIR ?= $(CURDIR)/.jupyter/matplotlib
 
 NBVAL := --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider
 
-.PHONY: setup lab test lint unit nbval-solutions nbval-students notebooks outputs bench clean-grading
+.PHONY: setup lab test lint unit nbval-solutions nbval-students notebooks outputs bench bench-nf4 bench-peft-family \
+	clean-grading
 
 setup: $(VENV)/.installed $(MODEL)
 
@@ -69,6 +70,14 @@ outputs: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_lora.py
+
+# lorakit.nf4 / QLoRALinear against bitsandbytes (about 2 minutes), results in benchmarks/results/.
+bench-nf4: setup
+	$(BIN)/python benchmarks/bench_nf4.py --out benchmarks/results/bench_nf4.md
+
+# Prompt tuning vs prefix tuning vs LoRA, 96 steps each (about 15 minutes); notebook 07 plots its results.
+bench-peft-family: setup
+	$(BIN)/python benchmarks/bench_peft_family.py
 
 clean-grading:
 	rm -rf submitted autograded feedback gradebook.db .nbgrader.log
