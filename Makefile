@@ -46,7 +46,7 @@ lint:
 
 # lorakit against peft, packaging, the model loader, and the nbgrader pipeline end to end.
 unit:
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
 
 # Every solution notebook at full size, stored outputs compared (sanitised for paths and addresses).
 nbval-solutions:
