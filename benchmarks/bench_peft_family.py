@@ -36,6 +36,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import lorakit  # noqa: E402,F401  (before peft: quiets bitsandbytes' import warning)
 from lorakit.data import SYSTEM, accuracy_with_stderr, task_splits  # noqa: E402
@@ -70,7 +71,7 @@ def run(method, config, base, tokenizer, splits, steps, batch_size, eval_at, see
     random.Random(seed).shuffle(order)  # the batch order of lorakit.train.train(seed=0)
     losses, evals, train_seconds = [], [], 0.0
     start_all = time.perf_counter()
-    for step in range(steps):
+    for step in tqdm(range(steps), desc=method):
         start = (step * batch_size) % len(order)
         idx = (order + order)[start : start + batch_size]
         t0 = time.perf_counter()
