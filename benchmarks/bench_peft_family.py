@@ -6,11 +6,12 @@ What it runs
       prompt  PromptTuningConfig, 8 virtual tokens initialised from the text of an instruction
       prefix  PrefixTuningConfig, 8 virtual tokens (a key/value prefix in each of the 30 layers)
       lora    LoraConfig r=8, alpha=16, every linear layer of the top three decoder layers
-    The same 320 training tickets, the same batches in the same order (`lorakit.train.train`'s seeded shuffle),
-    batch 8, AdamW, `--steps` steps (default 96); learning rates 3e-2 (prompt, peft's own prompt-tuning example),
-    1e-2 (prefix, peft's example) and 2e-3 (LoRA, the course's value). Every method runs the whole model forward and
-    backward (no cache), so the loop is identical. Held-out accuracy (the four actions ranked at the answer position,
-    `lorakit.fast.accuracy`) on 200 test tickets at the steps in `--eval-at` and at the end, with standard errors.
+    The same 320 training tickets, trained by `lorakit.train.train` (the loop notebook 07's live run uses: the same
+    batches in the same order for every method), batch 8, AdamW, `--steps` steps (default 96); learning rates 3e-2
+    (prompt, peft's own prompt-tuning example), 1e-2 (prefix, peft's example) and 2e-3 (LoRA, the course's value).
+    Every method runs the whole model forward and backward (no cache). Held-out accuracy (the four actions ranked at
+    the answer position, `lorakit.fast.accuracy`) on 200 test tickets at the steps in `--eval-at` and at the end,
+    with standard errors.
 
 How to run
     .venv/bin/python benchmarks/bench_peft_family.py            # about 15 minutes on 2 idle cores
@@ -28,7 +29,6 @@ import datetime
 import json
 import os
 import platform
-import random
 import sys
 import time
 from pathlib import Path
@@ -42,7 +42,7 @@ import lorakit  # noqa: E402,F401  (before peft: quiets bitsandbytes' import war
 from lorakit.data import SYSTEM, accuracy_with_stderr, task_splits  # noqa: E402
 from lorakit.fast import accuracy, top_layer_targets  # noqa: E402
 from lorakit.models import checkpoint_dir, load_smollm2  # noqa: E402
-from lorakit.train import answer_loss, collate  # noqa: E402
+from lorakit.train import train  # noqa: E402
 
 from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model  # noqa: E402  isort: skip
 
@@ -64,32 +64,25 @@ def configs(base) -> dict:
 def run(method, config, base, tokenizer, splits, steps, batch_size, eval_at, seed=0) -> dict:
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[method], weight_decay=0.0)
-    train = splits["train"]
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)  # the batch order of lorakit.train.train(seed=0)
-    losses, evals, train_seconds = [], [], 0.0
-    start_all = time.perf_counter()
-    for step in tqdm(range(steps), desc=method):
-        start = (step * batch_size) % len(order)
-        idx = (order + order)[start : start + batch_size]
-        t0 = time.perf_counter()
-        model.train()
-        loss = answer_loss(model, collate(tokenizer, [train[i] for i in idx], SYSTEM))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_seconds += time.perf_counter() - t0
-        losses.append(loss.item())
-        if step + 1 in eval_at or step + 1 == steps:
+    evals, eval_seconds = [], 0.0
+
+    def evaluate(step: int, loss: float) -> None:  # lorakit.train's hook after each step
+        nonlocal eval_seconds
+        if step in eval_at or step == steps:
+            t0 = time.perf_counter()
             correct = accuracy(model, tokenizer, splits["test"], system=SYSTEM)
+            eval_seconds += time.perf_counter() - t0
             p, se = accuracy_with_stderr(correct)
-            evals.append({"step": step + 1, "accuracy": p, "stderr": se, "correct": [int(c) for c in correct]})
-            print(f"{method:<7} step {step + 1:>4}: loss {losses[-1]:.3f}, held-out accuracy {p:.3f} ± {se:.3f}",
-                  flush=True)
-    return {"lr": LEARNING_RATES[method], "trainable": sum(p.numel() for p in params), "losses": losses,
-            "evals": evals, "seconds_per_step": train_seconds / steps, "seconds": time.perf_counter() - start_all}
+            evals.append({"step": step, "accuracy": p, "stderr": se, "correct": [int(c) for c in correct]})
+            tqdm.write(f"{method:<7} step {step:>4}: loss {loss:.3f}, held-out accuracy {p:.3f} ± {se:.3f}")
+
+    start = time.perf_counter()
+    losses = train(model, tokenizer, splits["train"], steps=steps, batch_size=batch_size, lr=LEARNING_RATES[method],
+                   seed=seed, system=SYSTEM, after_step=evaluate)  # the loop notebook 07's live run uses
+    seconds = time.perf_counter() - start
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"lr": LEARNING_RATES[method], "trainable": trainable, "losses": losses, "evals": evals,
+            "seconds_per_step": (seconds - eval_seconds) / steps, "seconds": seconds}
 
 
 def markdown(result: dict) -> str:

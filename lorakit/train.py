@@ -69,6 +69,7 @@ def train(
     seed: int = 0,
     progress: bool = True,
     system: str | None = None,
+    after_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train the parameters that require grad with AdamW for `steps` steps; returns the loss per step.
 
@@ -92,7 +93,7 @@ def train(
         idx = (order + order)[start : start + batch_size]
         return answer_loss(model, collate(tokenizer, [examples[i] for i in idx], system))
 
-    return optimize(model, params, steps, step_loss, lr=lr, desc="training", progress=progress)
+    return optimize(model, params, steps, step_loss, lr=lr, desc="training", progress=progress, after_step=after_step)
 
 
 def optimize(
@@ -104,9 +105,11 @@ def optimize(
     weight_decay: float = 0.0,
     desc: str = "training",
     progress: bool = True,
+    after_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """The loop every trainer here shares: `steps` AdamW steps on `params`, each on the loss `step_loss(step)`
     returns, with `model` in training mode (restored after); returns the loss of every step.
+    `after_step(n, loss)`, if given, runs after the n-th step (n from 1): for evaluations during training.
 
     progress=False always hides the tqdm bar; otherwise tqdm's own settings apply (TQDM_DISABLE=1 hides it in CI).
     """
@@ -123,6 +126,8 @@ def optimize(
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if after_step is not None:
+                after_step(step + 1, losses[-1])
     finally:
         model.train(was_training)
     return losses

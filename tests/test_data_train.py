@@ -71,6 +71,17 @@ def test_train_lowers_the_loss(tokenizer):
         train(model, tokenizer, make_tickets(16), steps=0)
 
 
+def test_train_reports_every_step_to_after_step(tokenizer):
+    seen = []
+    model = _tiny_llama(tokenizer)
+    losses = train(model, tokenizer, make_tickets(16, seed=0), steps=4, batch_size=8, lr=1e-2, progress=False,
+                   after_step=lambda n, loss: seen.append((n, loss, model.training)))
+    assert seen == [(n, loss, True) for n, loss in enumerate(losses, start=1)]  # during training, in training mode
+    # the hook does not change what is learned: the same losses without it
+    assert train(_tiny_llama(tokenizer), tokenizer, make_tickets(16, seed=0), steps=4, batch_size=8, lr=1e-2,
+                 progress=False) == losses
+
+
 def test_train_moves_adapters_only(tokenizer):
     model = add_lora(_tiny_llama(tokenizer), "all-linear", r=4, alpha=8)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
