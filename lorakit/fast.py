@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -260,10 +260,12 @@ def train_cached(
     seed: int = 0,
     weight_decay: float = 0.0,
     progress: bool = True,
+    after_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train the trainable parameters (adapters in the top layers) with AdamW for `steps` steps on `cache`;
     returns the loss of every step. Batches cycle through the cache in a seeded shuffled order, reshuffled
-    every epoch. tqdm shows progress (hidden by `progress=False` or TQDM_DISABLE=1)."""
+    every epoch. tqdm shows progress (hidden by `progress=False` or TQDM_DISABLE=1); `after_step(n, loss)` runs
+    after the n-th step, as in `lorakit.train.optimize`."""
     steps = _positive_int("steps", steps)
     batch_size = _positive_int("batch_size", batch_size)
     lr = _positive_number("lr", lr)
@@ -284,7 +286,7 @@ def train_cached(
         return cached_loss(model, cache, idx)
 
     return optimize(model, params, steps, step_loss, lr=lr, weight_decay=weight_decay,
-                    desc=f"training layers {cache.start}+", progress=progress)
+                    desc=f"training layers {cache.start}+", progress=progress, after_step=after_step)
 
 
 def _prompt_learning_offset(model: nn.Module) -> int | None:
