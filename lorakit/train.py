@@ -106,14 +106,17 @@ def optimize(
     desc: str = "training",
     progress: bool = True,
     after_step: Callable[[int, float], None] | None = None,
+    optimizer_factory: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
 ) -> list[float]:
     """The loop every trainer here shares: `steps` AdamW steps on `params`, each on the loss `step_loss(step)`
     returns, with `model` in training mode (restored after); returns the loss of every step.
     `after_step(n, loss)`, if given, runs after the n-th step (n from 1): for evaluations during training.
+    `optimizer_factory(params, lr=..., weight_decay=...)` builds the optimizer (AdamW by default; a GPU run may
+    pass bitsandbytes' paged AdamW).
 
     progress=False always hides the tqdm bar; otherwise tqdm's own settings apply (TQDM_DISABLE=1 hides it in CI).
     """
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = optimizer_factory(params, lr=lr, weight_decay=weight_decay)
     was_training = model.training
     model.train()
     losses = []

