@@ -18,8 +18,8 @@ export MPLCONFIGDIR ?= $(CURDIR)/.jupyter/matplotlib
 
 NBVAL := --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider
 
-.PHONY: setup lab test lint unit nbval-solutions nbval-students notebooks outputs bench bench-nf4 bench-peft-family \
-	clean-grading
+.PHONY: setup lab test lint unit nbval-solutions nbval-students notebooks outputs bench bench-nf4 bench-peft-family bench-finetune \
+	clean-grading check student-bundle collect autograde feedback grades grade-hostile
 
 setup: $(VENV)/.installed $(MODEL)
 
@@ -79,5 +79,41 @@ bench-nf4: setup
 bench-peft-family: setup
 	$(BIN)/python benchmarks/bench_peft_family.py
 
+# Notebook 11's guarded fine-tune, headless (about 5 minutes on 2 idle cores; on a GPU see the script's docstring).
+bench-finetune: setup
+	$(BIN)/python benchmarks/bench_finetune.py --out benchmarks/results/bench_finetune.json
+
 clean-grading:
 	rm -rf submitted autograded feedback gradebook.db .nbgrader.log
+
+# ---- Students -------------------------------------------------------------------------------------------------
+# Progress across the course: every notebook in work/ (or $LORAKIT_WORK), its visible checks run against your
+# current answers in one process; never writes your notebooks. `make check NB=03` checks one notebook.
+check: setup
+	$(BIN)/python -m lorakit.check $(NB)
+
+# ---- Instructors (INSTRUCTORS.md) -------------------------------------------------------------------------------
+# What a graded cohort receives: student notebooks, lorakit, environment files; never solutions/ or tests/.
+student-bundle:
+	$(BIN)/python -m lorakit.course bundle
+
+# Submissions from FROM=folder (one subfolder per student) into submitted/.
+collect:
+	@test -n "$(FROM)" || { echo "usage: make collect FROM=folder-with-one-subfolder-per-student"; exit 2; }
+	$(BIN)/python -m lorakit.grading collect "$(FROM)"
+
+# Every submission (or NB="03-lora-from-scratch ..."), JOBS at a time (default: one per core).
+autograde: setup
+	$(BIN)/python -m lorakit.grading autograde $(NB) $(if $(JOBS),--jobs $(JOBS))
+
+# feedback/<student>/<NN-name>/NN-name.html, hidden tests stripped.
+feedback:
+	$(BIN)/python -m lorakit.grading feedback $(NB)
+
+# autograded/grades.csv (nbgrader export).
+grades:
+	$(BIN)/python -m lorakit.grading grades autograded/grades.csv
+
+# The hostile-submission suite of tests/test_grading.py on every notebook (CI runs it on notebook 03).
+grade-hostile: setup
+	GRADE_HOSTILE_ALL=1 $(BIN)/python -m pytest tests/test_grading.py -p no:cacheprovider -s

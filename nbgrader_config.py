@@ -23,6 +23,18 @@ c.CourseDirectory.feedback_directory = "feedback"
 # in small mode; 300 s per cell leaves room on a busy 2-core machine without hiding a hung kernel.
 c.Execute.timeout = 300
 c.Execute.interrupt_on_timeout = True
+# After a cell's reply, wait this long for the rest of its output (nbclient's default, 4 s, is short for a cell
+# that printed megabytes on a busy machine; past it nbclient gives up on the whole notebook).
+c.Execute.iopub_timeout = 30
 
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
+
+# Feedback shows results, never the hidden tests' code: lorakit.grading.StripHiddenTests removes their regions
+# from the test cells and cuts every error output down to its exception line (a traceback quotes the code).
+from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor  # noqa: E402
+from nbgrader.preprocessors import GetGrades  # noqa: E402
+
+from lorakit.grading import StripHiddenTests  # noqa: E402
+
+c.GenerateFeedback.preprocessors = [StripHiddenTests, GetGrades, CSSHTMLHeaderPreprocessor]

@@ -3,7 +3,7 @@
 * regenerating notebooks/ from solutions/ gives exactly the committed student versions;
 * the committed solutions carry no volatile metadata (make outputs strips it);
 * autograding the unanswered student version scores 0 and a solved one full marks, without grader errors;
-* no solution or hidden test reaches a student notebook.
+* no solution or hidden test reaches a student notebook, and no hidden test reaches the feedback.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import nbformat
 import pytest
 from nbgrader.api import Gradebook
 from notebook_tools import ROOT, graded_cells, source_notebook, strip_markers
+from test_grading import hidden_lines, text_of
 
 from lorakit import course
 
@@ -99,3 +100,12 @@ def test_autograde_scores_blank_zero_and_solved_full(scratch, name):
         assert not solved.needs_manual_grade
     graded = (scratch / "autograded" / "solved" / name / f"{name}.ipynb").read_text()
     assert "BEGIN HIDDEN TESTS" in graded, "autograde must restore and run the hidden tests"
+    # feedback shows the results, never the hidden tests' code (lorakit.grading.StripHiddenTests)
+    done = course.nbgrader("generate_feedback", name, "--force", root=scratch)
+    assert done.returncode == 0, done.stdout + done.stderr
+    hidden = hidden_lines(name)
+    for student in ("blank", "solved"):
+        page = text_of(scratch / "feedback" / student / name / f"{name}.html")
+        assert f"{name}" in page
+        leaked = [line for line in hidden if line in page]
+        assert not leaked, f"the feedback of {student}/{name} shows hidden tests: {leaked[:3]}"

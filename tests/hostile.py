@@ -1,0 +1,184 @@
+"""Hostile and honest submissions for the grader, built from the committed student version of a notebook, each
+with the score it must get. `tests/test_grading.py` autogrades them for notebook 03 on every CI run;
+`make grade-hostile` does the same for every notebook (the notebook-specific cases exist for 03 only).
+
+Generic cases work on any notebook: unanswered, solved, edited and deleted test cells, an infinite loop, a loop
+that ignores interrupts, `os._exit`, patched checking helpers with look-alike answers, answers whose `__eq__` is
+always true, exceptions silenced in the kernel, huge output, a file that is not JSON.
+"""
+
+from __future__ import annotations
+
+import nbformat
+from notebook_tools import ROOT, graded_cells, source_notebook, strip_markers
+
+# Answers of notebook 03 in other styles: (alt) different but valid; (mistake) each exercise's common mistake;
+# (hardcoded) the visible tests' values typed in; (reference) lorakit's own implementation called.
+NB03 = "03-lora-from-scratch"
+ANSWERS_03 = {
+    "alt": {
+        "lora_param_count": "def lora_param_count(d_in, d_out, r):\n    return (d_in + d_out) * r\n",
+        "init_lora_factors": ("def init_lora_factors(d_in, d_out, r):\n    bound = 1 / math.sqrt(d_in)\n"
+                              "    return torch.empty(r, d_in).uniform_(-bound, bound), torch.zeros(d_out, r)\n"),
+        "lora_forward": ("def lora_forward(x, W0, A, B, alpha, r):\n"
+                         "    return x @ (W0 + (alpha / r) * (B @ A)).T  # merged weight\n"),
+        "lora_scaling": ("def lora_scaling(r, alpha, rslora=False):\n"
+                         "    return float(alpha * r ** -0.5) if rslora else float(alpha) / r\n"),
+        "max_noop_gap": ("def max_noop_gap(layer, x):\n    with torch.inference_mode():\n"
+                         "        return float(torch.max(torch.abs(layer(x) - layer.base(x))))\n"),
+    },
+    "mistake": {
+        "lora_param_count": "def lora_param_count(d_in, d_out, r):\n    return 2 * r * d_in  # assumes a square W\n",
+        "init_lora_factors": ("def init_lora_factors(d_in, d_out, r):\n"
+                              "    return torch.randn(r, d_in), torch.zeros(d_out, r)  # Gaussian, unbounded\n"),
+        "lora_forward": ("def lora_forward(x, W0, A, B, alpha, r):\n"
+                         "    return x @ W0.T + (x @ A.T) @ B.T  # forgot alpha / r\n"),
+        "lora_scaling": "def lora_scaling(r, alpha, rslora=False):\n    return alpha / r  # ignores rslora\n",
+        "max_noop_gap": ("def max_noop_gap(layer, x):\n"
+                         "    return (layer(x) - layer.base(x)).abs().max().item()  # tracks gradients\n"),
+    },
+    "hardcoded": {
+        "lora_param_count": ("def lora_param_count(d_in, d_out, r):\n"
+                             "    known = {(4096, 4096, 16): 131_072, (576, 1536, 8): 16_896}\n"
+                             "    return known.get((d_in, d_out, r), 1152)\n"),
+        "init_lora_factors": ("def init_lora_factors(d_in, d_out, r):\n"
+                              "    return torch.full((r, d_in), 0.01), torch.zeros(d_out, r)\n"),
+        "lora_forward": ("def lora_forward(x, W0, A, B, alpha, r):\n"
+                         "    return _ref(x).detach()  # the visible test's own reference layer\n"),
+        "lora_scaling": ("def lora_scaling(r, alpha, rslora=False):\n"
+                         "    return {(8, 16): 2.0, (32, 16): 0.5, (32, 64): 2.0}.get((r, alpha), 4.0)\n"),
+        "max_noop_gap": "def max_noop_gap(layer, x):\n    return 0.0\n",
+    },
+    "reference": {
+        "lora_param_count": ("from lorakit.lora import lora_parameter_count\n\n"
+                             "def lora_param_count(d_in, d_out, r):\n"
+                             "    return lora_parameter_count(d_in, d_out, r)\n"),
+        "init_lora_factors": ("def init_lora_factors(d_in, d_out, r):\n"
+                              "    layer = LoRALinear(nn.Linear(d_in, d_out), r=r, alpha=1)\n"
+                              "    return layer.lora_A.detach().clone(), layer.lora_B.detach().clone()\n"),
+        "lora_forward": ("def lora_forward(x, W0, A, B, alpha, r):\n"
+                         "    d_out, d_in = W0.shape\n"
+                         "    layer = LoRALinear(nn.Linear(d_in, d_out, bias=False), r=r, alpha=alpha)\n"
+                         "    with torch.no_grad():\n        layer.base.weight.copy_(W0)\n"
+                         "        layer.lora_A.copy_(A)\n        layer.lora_B.copy_(B)\n"
+                         "        return layer(x)\n"),
+        "lora_scaling": ("def lora_scaling(r, alpha, rslora=False):\n"
+                         "    return LoRALinear(nn.Linear(1, 1), r=r, alpha=alpha, rslora=rslora).scaling\n"),
+    },
+}
+# points of each exercise of notebook 03 whose answer above is honest work
+EXPECTED_03 = {"alt": 8, "mistake": 0, "hardcoded": 0, "reference": 1}
+
+PATCH_HELPERS = '''
+import builtins, math, numpy, numpy.testing, torch, torch.testing
+class AlwaysEqual:
+    """Equal to everything, true, zero and a tensor-looking shape: the classic fake answer."""
+    shape = property(lambda self: AlwaysEqual())
+    dtype = torch.float32
+    def __eq__(self, other): return True
+    __ne__ = __lt__ = __gt__ = __le__ = __ge__ = lambda self, other: self
+    def __bool__(self): return True
+    def __float__(self): return 0.0
+    def __int__(self): return 0
+    __index__ = __int__
+    def __iter__(self): return iter((AlwaysEqual(), AlwaysEqual()))
+    def __getattr__(self, name): return lambda *a, **k: AlwaysEqual()
+    def __call__(self, *a, **k): return AlwaysEqual()
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __matmul__ = __abs__ = __call__
+    def __hash__(self): return 0
+    def __repr__(self): return "AlwaysEqual()"
+_yes = lambda *a, **k: True
+_none = lambda *a, **k: None
+torch.allclose = torch.equal = math.isclose = _yes
+torch.testing.assert_close = numpy.testing.assert_allclose = numpy.testing.assert_array_equal = _none
+torch.count_nonzero = lambda *a, **k: AlwaysEqual()
+builtins.isinstance = builtins.all = builtins.any = _yes
+builtins.sum = builtins.max = builtins.abs = lambda *a, **k: AlwaysEqual()
+'''
+
+
+def _answers(name: str) -> dict[str, str]:
+    return {k: strip_markers(c.source) for k, c in graded_cells(source_notebook(name)).items()
+            if c.metadata["nbgrader"].get("solution")}
+
+
+def _student(name: str) -> nbformat.NotebookNode:
+    return nbformat.read(ROOT / "notebooks" / name / f"{name}.ipynb", as_version=4)
+
+
+def _fill(name: str, replace: dict[str, str] | None = None, solved: bool = True) -> nbformat.NotebookNode:
+    """The student version with answer cells filled: the solution (if `solved`), then `replace` by grade_id."""
+    nb, answers = _student(name), _answers(name)
+    for cell in nb.cells:
+        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if gid in answers:
+            if replace and gid in replace:
+                cell.source = replace[gid]
+            elif solved:
+                cell.source = answers[gid]
+    return nb
+
+
+def _points(name: str) -> list[tuple[str, float]]:
+    """(grade_id, points) of each test cell, in notebook order."""
+    return [(k, float(c.metadata["nbgrader"]["points"])) for k, c in graded_cells(source_notebook(name)).items()
+            if c.metadata["nbgrader"].get("grade")]
+
+
+def _answer_order(name: str) -> list[str]:
+    return [k for k, c in graded_cells(source_notebook(name)).items() if c.metadata["nbgrader"].get("solution")]
+
+
+def cases(name: str, slow: bool = False) -> dict[str, tuple[str, float]]:
+    """student id -> (notebook file text, expected score). `slow` adds the cases that cost a whole
+    per-submission time limit (make grade-hostile)."""
+    total = sum(p for _, p in _points(name))
+    first_answer = _answer_order(name)[0]
+    first_points = dict(_points(name)).get("test_" + first_answer, 0.0)
+    answers = _answers(name)
+    out: dict[str, tuple[str, float]] = {}
+
+    def add(student, nb, score):
+        out[student] = (nbformat.writes(nb) if not isinstance(nb, str) else nb, score)
+
+    add("blank", _student(name), 0)
+    add("solved", _fill(name), total)
+    edited = _student(name)
+    for cell in edited.cells:
+        if cell.metadata.get("nbgrader", {}).get("grade"):
+            cell.source = 'print("all tests passed")'
+    add("edited_tests", edited, 0)
+    deleted = _student(name)
+    deleted.cells = [c for c in deleted.cells if not c.metadata.get("nbgrader", {}).get("grade")]
+    add("deleted_tests", deleted, 0)
+    # the first exercise never finishes; every other exercise is solved and must still be graded
+    add("infinite_loop", _fill(name, {first_answer: "while True:\n    pass\n" + answers[first_answer]}),
+        total - first_points)
+    add("ignores_interrupt", _fill(name, {first_answer: (
+        "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass\n"
+        + answers[first_answer])}),
+        0)
+    add("os_exit", _fill(name, {first_answer: "import os\nos._exit(0)\n" + answers[first_answer]}), 0)
+    # every answer a look-alike object; then the same with the checking helpers patched to always pass
+    fake_class, patches = PATCH_HELPERS.split("_yes = ")
+    for student, prelude in [("always_equal", fake_class), ("patched_helpers", fake_class + "_yes = " + patches)]:
+        fake = {gid: f"{prelude if i == 0 else ''}\ndef {_function(answers[gid])}(*args, **kwargs):\n"
+                     "    return AlwaysEqual()\n" for i, gid in enumerate(_answer_order(name))}
+        add(student, _fill(name, fake), 0)
+    if slow:  # held, but only by the wall-clock limit per submission: each test cell then waits out its timeout
+        add("silenced_errors", _fill(name, {first_answer: (
+            "get_ipython().set_custom_exc((BaseException,), lambda *args, **kwargs: None)\n"
+            "import sys\nsys.excepthook = lambda *args: None\n")}, solved=False), 0)
+    add("huge_output", _fill(name, {first_answer: 'for _ in range(20):\n    print("spam " * 20_000)\n'
+                                                  + answers[first_answer]}), total)
+    add("not_json", '{"cells": [ this is not a notebook', 0)
+    if name == NB03:
+        for style, replace in ANSWERS_03.items():
+            add(style, _fill(name, replace), EXPECTED_03[style])  # answers not replaced: solved
+    return out
+
+
+def _function(source: str) -> str:
+    """The name of the (last) function an answer cell defines."""
+    names = [line.split("(")[0][4:].strip() for line in source.splitlines() if line.startswith("def ")]
+    return names[-1]
