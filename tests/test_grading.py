@@ -69,7 +69,9 @@ def graded(tmp_path_factory):
             expected[(name, student)] = score
     collected = grading.collect(inbox, root)
     assert len(collected) == len(expected)
-    rows = grading.autograde(root, NAMES, jobs=2, timeout=1500)  # only hung kernels reach it
+    # Honest submissions of notebook 03 take 20-60 s each on 2 idle cores; only a kernel that ignores interrupts
+    # (nbclient then waits for it forever) reaches this limit, so it sets what that case costs the whole run.
+    rows = grading.autograde(root, NAMES, jobs=2, timeout=int(os.environ.get("GRADE_HOSTILE_TIMEOUT", "300")))
     feedback = grading.feedback(root, NAMES)
     grades = grading.grades(root)
     return root, expected, rows, feedback, grades
