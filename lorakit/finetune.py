@@ -233,16 +233,16 @@ def cache_texts(model: nn.Module, tokenizer, texts: Sequence[str], top_k: int, m
     return TextCache(torch.cat(chunks), mask.to(device), ids.to(device), start)
 
 
-def _text_logprobs(model: nn.Module, cache: TextCache, idx) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the next token at every real position of rows `idx`: (n_positions, V), and the mask."""
-    lm, decoder, head = _parts(model)
+def _text_logprobs(model: nn.Module, cache: TextCache, idx) -> torch.Tensor:
+    """Log-probabilities of the next token at every real position of rows `idx`: (n_positions, V)."""
+    _, decoder, head = _parts(model)
     idx = torch.as_tensor(idx, dtype=torch.long, device=cache.hidden.device)
     mask = cache.attention_mask[idx]
     width = int(mask.sum(1).max())
     hidden = _run_layers(decoder, cache.hidden[idx, :width], mask[:, :width], decoder.layers[cache.start :])
     hidden = decoder.norm(hidden)[:, :-1]  # (B, w - 1, d): each position predicts the next token
     keep = mask[:, 1:width].bool()  # the next token is a real one
-    return F.log_softmax(head(hidden[keep]).float(), dim=-1), keep
+    return F.log_softmax(head(hidden[keep]).float(), dim=-1)
 
 
 def kl_to_base(model, cache: TextCache, idx) -> torch.Tensor:
@@ -253,8 +253,8 @@ def kl_to_base(model, cache: TextCache, idx) -> torch.Tensor:
         raise TypeError("kl_to_base needs a peft model (get_peft_model / add_adapter): it disables the adapter "
                         "to get the base model's distribution")
     with torch.no_grad(), model.disable_adapter():
-        base, _ = _text_logprobs(model, cache, idx)
-    tuned, _ = _text_logprobs(model, cache, idx)
+        base = _text_logprobs(model, cache, idx)
+    tuned = _text_logprobs(model, cache, idx)
     return F.kl_div(tuned, base, log_target=True, reduction="batchmean")
 
 
