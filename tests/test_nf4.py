@@ -30,8 +30,8 @@ def bnb_quantize(w: torch.Tensor, blocksize: int, double_quant: bool = False):
 
 
 def bnb_dequantize_flat(packed: torch.Tensor, state) -> torch.Tensor:
-    """bitsandbytes' dequantization of the flattened tensor (its 2-D CPU path is wrong for ragged rows,
-    see test_qlora.py::test_bnb_cpu_2d_dequantize_bug_is_still_present)."""
+    """bitsandbytes' dequantization of the flattened tensor (on CPUs with AVX-512 its 2-D path is wrong for
+    ragged rows, see test_qlora.py::test_bnb_cpu_2d_dequantize_bug_on_avx512_only)."""
     n = state.shape.numel()
     flat_state = copy.copy(state)
     # An even length keeps bitsandbytes on its C kernel (odd lengths go to a torch.compile'd fallback that
