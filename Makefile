@@ -39,7 +39,7 @@ $(MODEL): $(VENV)/.installed
 lab: setup
 	$(BIN)/python -m lorakit.course lab
 
-test: setup lint unit nbval-solutions nbval-students
+test: setup lint unit nbval-solutions
 
 lint:
 	$(BIN)/ruff check .
@@ -52,7 +52,8 @@ unit:
 nbval-solutions:
 	TQDM_DISABLE=1 $(BIN)/python -m pytest --nbval solutions $(NBVAL) --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-# Every student notebook in nbgrader's small mode: only answer and test cells may raise.
+# Every student notebook in nbgrader's small mode: only answer and test cells may raise. Not part of `make test`:
+# tests/test_pipeline.py checks the same on the blank autograde run of every student notebook.
 nbval-students:
 	TQDM_DISABLE=1 NBGRADER_EXECUTION=validate $(BIN)/python -m pytest --nbval-lax notebooks $(NBVAL)
 

@@ -98,9 +98,11 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
-def _nbgrader(root: Path, *args: str, timeout: float | None = None) -> tuple[int, str]:
+def _nbgrader(root: Path, *args: str, timeout: float | None = None, threads: int | None = None) -> tuple[int, str]:
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    if threads:  # the kernel's torch/OpenMP threads: jobs x threads <= cores, or parallel jobs slow each other down
+        env.update({var: str(threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     proc = subprocess.Popen([os.path.join(bindir, "nbgrader"), *args], cwd=root, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -149,17 +151,20 @@ def autograde(root: Path = ROOT, names: list[str] | None = None, jobs: int | Non
     with Gradebook(f"sqlite:///{root / 'gradebook.db'}") as gb:
         for student in sorted({s for _, s in pairs}):
             gb.update_or_create_student(student)
-    jobs = jobs or max(1, os.cpu_count() or 1)
+    cores = max(1, os.cpu_count() or 1)
+    jobs = jobs or cores
+    # each kernel gets its share of the cores: two jobs of two threads each on two cores run slower than one job
+    threads = max(1, cores // jobs) if jobs > 1 else None
 
     def one(pair):
         assignment, student = pair
         start = time.perf_counter()
-        rc, log = _nbgrader(root, "autograde", assignment, "--student", student, "--force", *extra, timeout=timeout)
+        args = ("autograde", assignment, "--student", student, "--force", *extra)
+        rc, log = _nbgrader(root, *args, timeout=timeout, threads=threads)
         for _ in range(3):  # sqlite is shared by the workers: a rare lock is retried, not lost
             if "database is locked" not in log:
                 break
-            rc, log = _nbgrader(root, "autograde", assignment, "--student", student, "--force", *extra,
-                                timeout=timeout)
+            rc, log = _nbgrader(root, *args, timeout=timeout, threads=threads)
         graded = root / "autograded" / student / assignment / f"{assignment}.ipynb"
         problem = ""
         if rc == -9:

@@ -3,6 +3,7 @@
 * regenerating notebooks/ from solutions/ gives exactly the committed student versions;
 * the committed solutions carry no volatile metadata (make outputs strips it);
 * autograding the unanswered student version scores 0 and a solved one full marks, without grader errors;
+* the student version runs in small mode with errors only in its answer and test cells;
 * no solution or hidden test reaches a student notebook, and no hidden test reaches the feedback.
 """
 
@@ -16,7 +17,7 @@ from nbgrader.api import Gradebook
 from notebook_tools import ROOT, graded_cells, source_notebook, strip_markers
 from test_grading import hidden_lines, text_of
 
-from lorakit import course
+from lorakit import course, grading
 
 ASSIGNMENTS = course.assignments()
 
@@ -80,32 +81,71 @@ def _solved(name: str) -> nbformat.NotebookNode:
     return nb
 
 
+@pytest.fixture(scope="module")
+def graded(scratch):
+    """A blank and a solved copy of every notebook, autograded as one batch by the instructor's own tool
+    (lorakit.grading: one nbgrader process per submission, two at a time, each kernel on its share of the cores),
+    then feedback for all of them."""
+    for name in ASSIGNMENTS:
+        for student, nb in [("blank", nbformat.read(scratch / "notebooks" / name / f"{name}.ipynb", 4)),
+                            ("solved", _solved(name))]:
+            folder = scratch / "submitted" / student / name
+            folder.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, folder / f"{name}.ipynb")
+    rows = grading.autograde(scratch, ASSIGNMENTS, jobs=2, timeout=1500, release=False)
+    grading.feedback(scratch, ASSIGNMENTS)  # raises if nbgrader fails on one
+    return {(r["assignment"], r["student"]): r for r in rows}
+
+
 @pytest.mark.parametrize("name", ASSIGNMENTS)
-def test_autograde_scores_blank_zero_and_solved_full(scratch, name):
-    for student, nb in [("blank", nbformat.read(scratch / "notebooks" / name / f"{name}.ipynb", 4)),
-                        ("solved", _solved(name))]:
-        folder = scratch / "submitted" / student / name
-        folder.mkdir(parents=True, exist_ok=True)
-        nbformat.write(nb, folder / f"{name}.ipynb")
-    done = course.nbgrader("autograde", name, "--force", "--create", root=scratch)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log
-    assert "| ERROR]" not in log and "CRITICAL" not in log, log
+def test_autograde_scores_blank_zero_and_solved_full(graded, scratch, name):
+    rows = graded
+    for student in ("blank", "solved"):
+        row = rows[(name, student)]
+        assert not row["problem"], f"{student}/{name}: {row['problem']}\n{row['log']}"
+        assert "CRITICAL" not in row["log"], row["log"]
     with Gradebook(f"sqlite:///{scratch / 'gradebook.db'}") as gradebook:
         blank = gradebook.find_submission(name, "blank")
         solved = gradebook.find_submission(name, "solved")
         assert solved.max_score > 0
         assert blank.score == 0, f"an unanswered notebook scored {blank.score}"
-        assert solved.score == solved.max_score, f"the solution scored {solved.score} of {solved.max_score}:\n{log}"
+        assert solved.score == solved.max_score, \
+            f"the solution scored {solved.score} of {solved.max_score}:\n{rows[(name, 'solved')]['log']}"
         assert not solved.needs_manual_grade
-    graded = (scratch / "autograded" / "solved" / name / f"{name}.ipynb").read_text()
-    assert "BEGIN HIDDEN TESTS" in graded, "autograde must restore and run the hidden tests"
-    # feedback shows the results, never the hidden tests' code (lorakit.grading.StripHiddenTests)
-    done = course.nbgrader("generate_feedback", name, "--force", root=scratch)
-    assert done.returncode == 0, done.stdout + done.stderr
-    hidden = hidden_lines(name)
-    for student in ("blank", "solved"):
-        page = text_of(scratch / "feedback" / student / name / f"{name}.html")
-        assert f"{name}" in page
-        leaked = [line for line in hidden if line in page]
-        assert not leaked, f"the feedback of {student}/{name} shows hidden tests: {leaked[:3]}"
+    graded_nb = (scratch / "autograded" / "solved" / name / f"{name}.ipynb").read_text()
+    assert "BEGIN HIDDEN TESTS" in graded_nb, "autograde must restore and run the hidden tests"
+
+
+@pytest.mark.parametrize("name", ASSIGNMENTS)
+def test_student_version_runs_and_only_exercises_raise(graded, scratch, name):
+    """The student version as a student first runs it, in nbgrader's small mode (its blank autograde run above):
+    every cell but the answer and test cells runs without an error, every answer cell raises NotImplementedError,
+    and every test cell fails. This is what `make nbval-students` checks cell by cell with nbval-lax."""
+    nb = nbformat.read(scratch / "autograded" / "blank" / name / f"{name}.ipynb", 4)
+    executed = 0
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        meta = cell.metadata.get("nbgrader", {})
+        errors = [o for o in cell.get("outputs", []) if o.output_type == "error"]
+        executed += cell.get("execution_count") is not None
+        where = f"{name} cell {index} ({meta.get('grade_id', 'no grade id')})"
+        if meta.get("solution"):
+            assert [e.ename for e in errors] == ["NotImplementedError"], f"{where}: {[e.ename for e in errors]}"
+        elif meta.get("grade"):
+            assert errors, f"{where}: a test cell passed on an unanswered notebook"
+        else:
+            assert not errors, f"{where} raised {errors[0].ename}: {errors[0].evalue}"
+    assert executed == sum(c.cell_type == "code" for c in nb.cells), f"{name}: not every cell ran"
+
+
+@pytest.mark.usefixtures("graded")
+def test_feedback_shows_no_hidden_test_code(scratch):
+    """Feedback shows the results, never the hidden tests' code (lorakit.grading.StripHiddenTests)."""
+    for name in ASSIGNMENTS:
+        hidden = hidden_lines(name)
+        for student in ("blank", "solved"):
+            page = text_of(scratch / "feedback" / student / name / f"{name}.html")
+            assert f"{name}" in page
+            leaked = [line for line in hidden if line in page]
+            assert not leaked, f"the feedback of {student}/{name} shows hidden tests: {leaked[:3]}"
