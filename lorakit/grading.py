@@ -153,7 +153,7 @@ def autograde(root: Path = ROOT, names: list[str] | None = None, jobs: int | Non
             gb.update_or_create_student(student)
     cores = max(1, os.cpu_count() or 1)
     jobs = jobs or cores
-    # each kernel gets its share of the cores: two jobs of two threads each on two cores run slower than one job
+    # each kernel gets its share of the cores: jobs whose torch each used every core would slow each other down
     threads = max(1, cores // jobs) if jobs > 1 else None
 
     def one(pair):
