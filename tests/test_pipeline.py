@@ -119,8 +119,9 @@ def test_autograde_scores_blank_zero_and_solved_full(graded, scratch, name):
 @pytest.mark.parametrize("name", ASSIGNMENTS)
 def test_student_version_runs_and_only_exercises_raise(graded, scratch, name):
     """The student version as a student first runs it, in nbgrader's small mode (its blank autograde run above):
-    every cell but the answer and test cells runs without an error, every answer cell raises NotImplementedError,
-    and every test cell fails. This is what `make nbval-students` checks cell by cell with nbval-lax."""
+    every cell but the answer and test cells runs without an error, an answer cell raises nothing but
+    NotImplementedError (most only define the function that raises it), and every test cell fails. This is what
+    `make nbval-students` checks cell by cell with nbval-lax, a little stricter."""
     nb = nbformat.read(scratch / "autograded" / "blank" / name / f"{name}.ipynb", 4)
     executed = 0
     for index, cell in enumerate(nb.cells):
@@ -131,7 +132,7 @@ def test_student_version_runs_and_only_exercises_raise(graded, scratch, name):
         executed += cell.get("execution_count") is not None
         where = f"{name} cell {index} ({meta.get('grade_id', 'no grade id')})"
         if meta.get("solution"):
-            assert [e.ename for e in errors] == ["NotImplementedError"], f"{where}: {[e.ename for e in errors]}"
+            assert {e.ename for e in errors} <= {"NotImplementedError"}, f"{where}: {[e.ename for e in errors]}"
         elif meta.get("grade"):
             assert errors, f"{where}: a test cell passed on an unanswered notebook"
         else:
