@@ -98,9 +98,6 @@ def test_mistake_fails_the_tests(answer_id, label):
 ALTERNATIVES = {
     "bytes_per_param": {"sum of a list": BPP + "    return sum([weights, grads, adam_moment, adam_moment, master])\n"},
     "memory_table": {
-        "from lorakit": TABLE + "    t = compare_finetuning(params_billion)\n"
-        "    return {'full': t.total_gb('full fp16 + fp32 Adam'), 'full + master':"
-        " t.total_gb('full fp16 + fp32 Adam + fp32 master'), 'frozen base': t.total_gb('frozen fp16 base')}\n",
         "without exercise 1": TABLE + "    return {'full': 12.0 * params_billion, 'full + master': 16.0 *"
         " params_billion, 'frozen base': 2.0 * params_billion}\n",
     },
@@ -122,3 +119,20 @@ ALTERNATIVES = {
 @pytest.mark.parametrize("answer_id,label", [(a, label) for a, cases in ALTERNATIVES.items() for label in cases])
 def test_other_correct_answers_pass(answer_id, label):
     run_exercise(answer_id, ALTERNATIVES[answer_id][label])
+
+
+# Answers that hand the work to lorakit's own reference: the hidden tests switch it off, so they score nothing.
+REFERENCE = {
+    "bytes_per_param": "from lorakit.memory import Recipe\n\n" + BPP
+    + "    parts = [weights, grads, adam_moment, adam_moment, master]\n"
+    "    return Recipe('mine', tuple(('part', b) for b in parts)).bytes_per_param\n",
+    "memory_table": TABLE + "    t = compare_finetuning(params_billion)\n"
+    "    return {'full': t.total_gb('full fp16 + fp32 Adam'), 'full + master':"
+    " t.total_gb('full fp16 + fp32 Adam + fp32 master'), 'frozen base': t.total_gb('frozen fp16 base')}\n",
+}
+
+
+@pytest.mark.parametrize("answer_id", list(REFERENCE))
+def test_lorakit_reference_is_not_an_answer(answer_id):
+    with pytest.raises(RuntimeError, match="switched off"):
+        run_exercise(answer_id, REFERENCE[answer_id])

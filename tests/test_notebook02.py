@@ -92,8 +92,8 @@ ALTERNATIVES = {
         "        r += 1\n    return r\n",
     },
     "rank_table": {
-        "with lorakit": TABLE + "    return {r: (lora_parameter_count(d_in, d_out, r),"
-        " 100.0 * lora_parameter_count(d_in, d_out, r) / d_in / d_out) for r in ranks}\n",
+        "a comprehension": TABLE + "    n = d_in + d_out\n"
+        "    return {r: (r * n, 100.0 * r * n / d_in / d_out) for r in ranks}\n",
     },
 }
 
@@ -102,3 +102,20 @@ ALTERNATIVES = {
 def test_other_correct_answers_pass(answer_id, label):
     for seed in range(3):
         run_exercise(answer_id, ALTERNATIVES[answer_id][label], seed)
+
+
+# Answers that hand the work to lorakit's own reference: the hidden tests switch it off, so they score nothing.
+REFERENCE = {
+    "truncated_svd": "from lorakit.lowrank import truncated_svd as _mine\n\ndef truncated_svd(M, r):\n"
+    "    return _mine(M, r)\n",
+    "energy_captured": "import lorakit.lowrank\n\n" + EN + "    return lorakit.lowrank.energy_captured(S, r)\n",
+    "effective_rank": "import lorakit.lowrank\n\n" + ER + "    return lorakit.lowrank.effective_rank(S, threshold)\n",
+    "rank_table": TABLE + "    return {r: (lora_parameter_count(d_in, d_out, r),"
+    " 100.0 * lora_parameter_count(d_in, d_out, r) / d_in / d_out) for r in ranks}\n",
+}
+
+
+@pytest.mark.parametrize("answer_id", list(REFERENCE))
+def test_lorakit_reference_is_not_an_answer(answer_id):
+    with pytest.raises(RuntimeError, match="switched off"):
+        run_exercise(answer_id, REFERENCE[answer_id], 0)
