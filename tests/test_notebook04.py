@@ -96,3 +96,21 @@ ALTERNATIVES = {
 @pytest.mark.parametrize("answer_id,label", [(a, label) for a, cases in ALTERNATIVES.items() for label in cases])
 def test_other_correct_answers_pass(answer_id, label):
     run_exercise(answer_id, ALTERNATIVES[answer_id][label])
+
+
+# Answers that hand the work to lorakit's own reference: the hidden tests switch it off, so they score nothing.
+REFERENCE = {
+    "scaling_factors": "def lora_scaling(r, alpha, rslora=False):\n"
+    "    return LoRALinear(nn.Linear(2, 2), r=r, alpha=alpha, rslora=rslora).scaling\n" + GOOD_ALPHA,
+    "rank_budget": "from lorakit.memory import lora_budget\n\n" + BLOCK
+    + "    return lora_budget(r, list(shapes), shapes).adapter_params\n",
+    "largest_rank": LARGEST.split("\n")[0] + "\n    r = 0\n"
+    "    while rank_budget(ranks=(r + 1,), shapes=shapes).budgets[0].adapter_params <= max_params:\n"
+    "        r += 1\n    return r\n",
+}
+
+
+@pytest.mark.parametrize("answer_id", list(REFERENCE))
+def test_lorakit_reference_is_not_an_answer(answer_id):
+    with pytest.raises(RuntimeError, match="switched off"):
+        run_exercise(answer_id, REFERENCE[answer_id])
