@@ -93,8 +93,8 @@ ALTERNATIVES = {
         "        out = out + mask * (s * (x @ A.T) @ B.T)\n    return out\n",
     },
     "storage_plan": {
-        "with lorakit": STORE + "    s = multi_adapter_storage(base_gb, adapter_mb, tenants, mb_per_gb)\n"
-        "    return s.merged_gb, s.shared_gb, s.reduction\n",
+        "ratio first": STORE + "    merged, shared = tenants * base_gb, base_gb + tenants * adapter_mb / mb_per_gb\n"
+        "    return (merged, shared, merged / shared)\n",
     },
 }
 
@@ -103,3 +103,20 @@ ALTERNATIVES = {
 def test_other_correct_answers_pass(answer_id, label):
     for seed in range(3):
         run_exercise(answer_id, ALTERNATIVES[answer_id][label], seed)
+
+
+# Answers that hand the work to lorakit's own reference: the hidden tests switch it off, so they score nothing.
+REFERENCE = {
+    "merge_weight": MERGE + "    d_out, d_in = W0.shape\n"
+    "    layer = LoRALinear(torch.nn.Linear(d_in, d_out, bias=False, dtype=W0.dtype), r=r, alpha=alpha)\n"
+    "    with torch.no_grad():\n        layer.base.weight.copy_(W0)\n        layer.lora_A.copy_(A)\n"
+    "        layer.lora_B.copy_(B)\n        return W0 + layer.delta_weight()\n",
+    "storage_plan": STORE + "    s = multi_adapter_storage(base_gb, adapter_mb, tenants, mb_per_gb)\n"
+    "    return s.merged_gb, s.shared_gb, s.reduction\n",
+}
+
+
+@pytest.mark.parametrize("answer_id", list(REFERENCE))
+def test_lorakit_reference_is_not_an_answer(answer_id):
+    with pytest.raises(RuntimeError, match="switched off"):
+        run_exercise(answer_id, REFERENCE[answer_id])
