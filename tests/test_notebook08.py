@@ -172,3 +172,22 @@ ALTERNATIVES = {
 @pytest.mark.parametrize("answer_id,label", [(a, label) for a, cases in ALTERNATIVES.items() for label in cases])
 def test_other_correct_answers_pass(answer_id, label):
     run_exercise(answer_id, ALTERNATIVES[answer_id][label])
+
+
+# Answers that hand the work to lorakit's own reference: the hidden tests switch it off, so they score nothing.
+REFERENCE = {
+    "nf4_table": "def nf4_table(offset=NF4_OFFSET):\n    return nf4_code(offset)\n",
+    "quantize_block": BLOCK + "    q = quantize_nf4(block, blocksize=block.numel() + block.numel() % 2)\n"
+    "    codes = torch.stack([q.data >> 4, q.data & 15], dim=1).reshape(-1)[: block.numel()]\n"
+    "    if code is not NF4_CODE:\n"
+    "        scaled = block / block.abs().max()\n"
+    "        codes = (scaled[:, None] - code[None, :]).abs().argmin(dim=1)\n"
+    "    return q.absmax[0].item(), codes.long()\n",
+    "dequantize": "def dequantize(q):\n    return dequantize_nf4(q)\n",
+}
+
+
+@pytest.mark.parametrize("answer_id", list(REFERENCE))
+def test_lorakit_reference_is_not_an_answer(answer_id):
+    with pytest.raises(RuntimeError, match="switched off"):
+        run_exercise(answer_id, REFERENCE[answer_id])

@@ -105,7 +105,6 @@ ALTERNATIVES = {
         "bits counted per block": BITS
         + "    per_block = 4 * blocksize + (8 + 32 / second_blocksize if double_quant else 32)\n"
         "    return per_block / blocksize\n",
-        "from lorakit": BITS + "    return nf4_bits_per_param(double_quant, blocksize, second_blocksize)\n",
     },
     "decode_absmax": {
         "block index per constant": DECODE
@@ -115,12 +114,8 @@ ALTERNATIVES = {
         + "    n = levels.numel(); groups = q.absmax_scale.numel()\n"
         "    padded = torch.zeros(groups * DOUBLE_QUANT_BLOCKSIZE); padded[:n] = levels\n"
         "    return (padded.view(groups, -1) * q.absmax_scale[:, None]).reshape(-1)[:n] + q.absmax_offset\n",
-        "the NF4Tensor method": "def decode_absmax(q):\n    return q.absmax_float()\n",
     },
     "storage_table": {
-        "from qlora_storage": TABLE
-        + "    s = qlora_storage(params_billion, double_quant=double_quant, blocksize=blocksize)\n"
-        "    return {'bf16': s.bf16_gb, 'nf4 codes': s.nf4_payload_gb, 'nf4 + constants': s.nf4_with_constants_gb}\n",
         "bytes per weight": TABLE
         + "    return {'bf16': 2 * params_billion, 'nf4 codes': 0.5 * params_billion,"
         " 'nf4 + constants': bits_per_param(blocksize, double_quant) / 8 * params_billion}\n",
@@ -143,3 +138,21 @@ def test_storage_table_builds_on_exercise_1():
     wrong_bits = BITS + "    return 4.5\n"
     with pytest.raises(AssertionError):
         run_exercise("storage_table", strip_markers(CELLS["storage_table"].source), {"bits_per_param": wrong_bits})
+
+
+# Answers that hand the work to lorakit's own reference: the hidden tests switch it off, so they score nothing.
+REFERENCE = {
+    "bits_per_param": BITS + "    return nf4_bits_per_param(double_quant, blocksize, second_blocksize)\n",
+    "decode_absmax": "def decode_absmax(q):\n    return q.absmax_float()\n",
+    "storage_table": TABLE + "    s = qlora_storage(params_billion, double_quant=double_quant, blocksize=blocksize)\n"
+    "    return {'bf16': s.bf16_gb, 'nf4 codes': s.nf4_payload_gb, 'nf4 + constants': s.nf4_with_constants_gb}\n",
+    "qlora_forward": "def qlora_forward(x, weight, A, B, scaling):\n"
+    "    layer = QLoRALinear(weight, None, r=A.shape[0], alpha=scaling * A.shape[0])\n    with torch.no_grad():\n"
+    "        layer.lora_A.copy_(A)\n        layer.lora_B.copy_(B)\n    return layer(x)\n",
+}
+
+
+@pytest.mark.parametrize("answer_id", list(REFERENCE))
+def test_lorakit_reference_is_not_an_answer(answer_id):
+    with pytest.raises(RuntimeError, match="switched off"):
+        run_exercise(answer_id, REFERENCE[answer_id])

@@ -105,13 +105,11 @@ def test_mistake_fails_the_tests(answer_id, label):
 ALTERNATIVES = {
     "weight_magnitude": {
         "sqrt of squares": MAG + "    return (W * W).sum(dim=1).sqrt()\n",
-        "lorakit": MAG + "    return magnitude_and_direction(W)[0]\n",
         "Tensor.norm": MAG + "    return W.norm(p=2, dim=-1)\n",
     },
     "weight_direction": {
         "F.normalize": DIR + "    return F.normalize(W, dim=1)\n",
         "unsqueeze": DIR + "    return W / torch.linalg.norm(W, dim=1).unsqueeze(1)\n",
-        "lorakit": DIR + "    return magnitude_and_direction(W)[1]\n",
     },
     "dora_forward": {
         "norm under no_grad": FWD + V + "    with torch.no_grad():\n        norm = torch.linalg.norm(V, dim=1)\n"
@@ -133,3 +131,20 @@ ALTERNATIVES = {
 def test_other_correct_answers_pass(answer_id, label):
     for seed in range(3):
         run_exercise(answer_id, ALTERNATIVES[answer_id][label], seed)
+
+
+# Answers that hand the work to lorakit's own reference: the hidden tests switch it off, so they score nothing.
+REFERENCE = {
+    "weight_magnitude": MAG + "    return magnitude_and_direction(W)[0]\n",
+    "weight_direction": DIR + "    return magnitude_and_direction(W)[1]\n",
+    "dora_forward": FWD + "    layer = DoRALinear(nn.Linear(W0.shape[1], W0.shape[0], bias=False, dtype=W0.dtype), r=r,"
+    " alpha=alpha)\n"
+    "    tensors = {'base.weight': W0, 'lora_A': A, 'lora_B': B, 'magnitude': m}\n"
+    "    return torch.func.functional_call(layer, tensors, (x,))\n",
+}
+
+
+@pytest.mark.parametrize("answer_id", list(REFERENCE))
+def test_lorakit_reference_is_not_an_answer(answer_id):
+    with pytest.raises(RuntimeError, match="switched off"):
+        run_exercise(answer_id, REFERENCE[answer_id])
