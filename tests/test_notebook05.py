@@ -85,7 +85,6 @@ def test_mistake_fails_the_tests(answer_id, label):
 
 ALTERNATIVES = {
     "adapter_params": {
-        "with lorakit's lora_budget": AP + "    return n_layers * lora_budget(r, targets, shapes).adapter_params\n",
         "a loop": AP + "    if isinstance(targets, str):\n        targets = shapes.keys()\n    total = 0\n"
         "    for t in targets:\n        if t not in shapes:\n            raise ValueError(t)\n"
         "        d_in, d_out = shapes[t]\n        total += r * d_in + d_out * r\n    return total * n_layers\n",
@@ -103,3 +102,18 @@ ALTERNATIVES = {
 @pytest.mark.parametrize("answer_id,label", [(a, label) for a, cases in ALTERNATIVES.items() for label in cases])
 def test_other_correct_answers_pass(answer_id, label):
     run_exercise(answer_id, ALTERNATIVES[answer_id][label])
+
+
+# Answers that hand the work to lorakit's own reference: the hidden tests switch it off, so they score nothing.
+REFERENCE = {
+    "adapter_params": AP + "    return n_layers * lora_budget(r, targets, shapes).adapter_params\n",
+    "predict_all_linear": "import copy\n\nfrom lorakit.lora import add_lora\n\ndef predict_all_linear(model):\n"
+    "    wrapped = add_lora(copy.deepcopy(model), 'all-linear', r=1, alpha=1)\n"
+    "    return {n[: -len('.base')] for n, m in wrapped.named_modules() if n.endswith('.base')}\n",
+}
+
+
+@pytest.mark.parametrize("answer_id", list(REFERENCE))
+def test_lorakit_reference_is_not_an_answer(answer_id):
+    with pytest.raises(RuntimeError, match="switched off"):
+        run_exercise(answer_id, REFERENCE[answer_id])
