@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from notebook_tools import graded_cells, run_graded, source_notebook, strip_markers
+from notebook_tools import graded_cells, reference_refused, run_graded, source_notebook, strip_markers
 from torch import nn
 from torch.nn import functional as F
 
@@ -139,7 +139,7 @@ ALTERNATIVES = {
     "    p = sum(hits) / len(hits)\n    return p, (p * (1 - p) / len(hits)) ** 0.5\n",
     "kl_from_logprobs": KL + "    return F.kl_div(tuned_logp, base_logp, log_target=True, reduction='batchmean')\n",
     "adapter_state_bytes": STATE
-    + "    s = predict_training_state(model)\n    return s.gradients + s.optimizer_total\n",
+    + "    return sum(3 * p.nbytes + 4 for p in model.parameters() if p.requires_grad)\n",
     "mfu": MFU + "    if peak_flops is None:\n        return None\n    if not (seconds > 0 and peak_flops > 0):\n"
     "        raise ValueError('positive')\n    achieved = flops_per_token * tokens / seconds\n"
     "    return achieved / peak_flops\n",
@@ -150,3 +150,21 @@ ALTERNATIVES = {
 def test_valid_alternatives_pass(answer_id):
     for seed in range(3):
         run_exercise(answer_id, ALTERNATIVES[answer_id], seed)
+
+
+# Answers that hand the work to lorakit's own reference: the hidden tests switch it off, so they score nothing.
+REFERENCE = {
+    "exact_match_accuracy": EM + "    if not replies: raise ValueError('empty')\n"
+    "    hits = finetune.exact_match([r.strip() for r in replies], [{'answer': a} for a in answers])\n"
+    "    p = sum(hits) / len(hits)\n    return p, (p * (1 - p) / len(hits)) ** 0.5\n",
+    "adapter_state_bytes": STATE
+    + "    s = predict_training_state(model)\n    return s.gradients + s.optimizer_total\n",
+    "mfu": MFU + "    if peak_flops is not None and (seconds <= 0 or peak_flops <= 0):\n"
+    "        raise ValueError('positive')\n"
+    "    return finetune.estimate_mfu(flops_per_token, tokens / seconds, peak_flops)\n",
+}
+
+
+@pytest.mark.parametrize("answer_id", list(REFERENCE))
+def test_lorakit_reference_is_not_an_answer(answer_id):
+    reference_refused(run_exercise, answer_id, REFERENCE[answer_id])
