@@ -3,8 +3,9 @@ with the score it must get. `tests/test_grading.py` autogrades them for notebook
 `make grade-hostile` does the same for every notebook (the notebook-specific cases exist for 03 only).
 
 Generic cases work on any notebook: unanswered, solved, edited and deleted test cells, an infinite loop, a loop
-that ignores interrupts, `os._exit`, patched checking helpers with look-alike answers, answers whose `__eq__` is
-always true, exceptions silenced in the kernel, huge output, a file that is not JSON.
+that ignores interrupts, `os._exit`, patched checking helpers with look-alike answers (patched outright, and
+patched quietly so that the kernel keeps working), answers whose `__eq__` is always true, exceptions silenced in the
+kernel, huge output, a file that is not JSON.
 """
 
 from __future__ import annotations
@@ -69,10 +70,10 @@ ANSWERS_03 = {
 # points of each exercise of notebook 03 whose answer above is honest work
 EXPECTED_03 = {"alt": 8, "mistake": 0, "hardcoded": 0, "reference": 1}
 
-PATCH_HELPERS = '''
+LOOK_ALIKE = '''
 import builtins, math, numpy, numpy.testing, torch, torch.testing
 class AlwaysEqual:
-    """Equal to everything, true, zero and a tensor-looking shape: the classic fake answer."""
+    """Equal to everything, true, zero, indexable and a tensor-looking shape: the classic fake answer."""
     shape = property(lambda self: AlwaysEqual())
     dtype = torch.float32
     def __eq__(self, other): return True
@@ -84,9 +85,14 @@ class AlwaysEqual:
     def __iter__(self): return iter((AlwaysEqual(), AlwaysEqual()))
     def __getattr__(self, name): return lambda *a, **k: AlwaysEqual()
     def __call__(self, *a, **k): return AlwaysEqual()
-    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __matmul__ = __abs__ = __call__
+    def __getitem__(self, key): return AlwaysEqual()
+    def __len__(self): return 2
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = __call__
+    __matmul__ = __abs__ = __neg__ = __pow__ = __rpow__ = __call__
     def __hash__(self): return 0
     def __repr__(self): return "AlwaysEqual()"
+'''
+PATCH_HELPERS = LOOK_ALIKE + '''
 _yes = lambda *a, **k: True
 _none = lambda *a, **k: None
 torch.allclose = torch.equal = math.isclose = _yes
@@ -94,6 +100,42 @@ torch.testing.assert_close = numpy.testing.assert_allclose = numpy.testing.asser
 torch.count_nonzero = lambda *a, **k: AlwaysEqual()
 builtins.isinstance = builtins.all = builtins.any = _yes
 builtins.sum = builtins.max = builtins.abs = lambda *a, **k: AlwaysEqual()
+'''
+
+
+# The same look-alike answers, with the checking helpers patched quietly: each patched function behaves as before
+# unless a look-alike is among its arguments, so the kernel and its messaging keep working (patching them
+# outright, as above, breaks ipykernel itself, and the submission then scores 0 by timing out, not by the tests).
+PATCH_QUIETLY = LOOK_ALIKE + '''
+_T, _L, _TU, _D = type, list, tuple, dict
+def _fake(*args, **kwargs):
+    def walk(v):
+        if _T(v) is AlwaysEqual:
+            return True
+        if _T(v) is _L or _T(v) is _TU:
+            for x in v:
+                if walk(x):
+                    return True
+        if _T(v) is _D:
+            for x in v.values():
+                if walk(x):
+                    return True
+        return False
+    return walk(args) or walk(_TU(kwargs.values()))
+def _quietly(orig, when_fake):
+    def patched(*args, **kwargs):
+        return when_fake(*args, **kwargs) if _fake(*args, **kwargs) else orig(*args, **kwargs)
+    return patched
+_true, _nothing, _fake_value = (lambda *a, **k: True), (lambda *a, **k: None), (lambda *a, **k: AlwaysEqual())
+for _module, _name, _when in [
+        (torch, "allclose", _true), (torch, "equal", _true), (torch, "isclose", _fake_value), (math, "isclose", _true),
+        (torch.testing, "assert_close", _nothing), (numpy.testing, "assert_allclose", _nothing),
+        (numpy.testing, "assert_array_equal", _nothing), (torch, "count_nonzero", _fake_value),
+        (torch, "as_tensor", _fake_value), (torch, "stack", _fake_value), (builtins, "isinstance", _true),
+        (builtins, "all", _true), (builtins, "any", _true), (builtins, "sum", _fake_value),
+        (builtins, "max", _fake_value), (builtins, "min", _fake_value), (builtins, "abs", _fake_value),
+        (builtins, "round", _fake_value), (builtins, "len", lambda *a, **k: 2), (builtins, "sorted", _fake_value)]:
+    setattr(_module, _name, _quietly(getattr(_module, _name), _when))
 '''
 
 
@@ -160,8 +202,8 @@ def cases(name: str, slow: bool = False) -> dict[str, tuple[str, float]]:
         0)
     add("os_exit", _fill(name, {first_answer: "import os\nos._exit(0)\n" + answers[first_answer]}), 0)
     # every answer a look-alike object; then the same with the checking helpers patched to always pass
-    fake_class, patches = PATCH_HELPERS.split("_yes = ")
-    for student, prelude in [("always_equal", fake_class), ("patched_helpers", fake_class + "_yes = " + patches)]:
+    for student, prelude in [("always_equal", LOOK_ALIKE), ("patched_helpers", PATCH_HELPERS),
+                             ("patched_quietly", PATCH_QUIETLY)]:
         fake = {gid: f"{prelude if i == 0 else ''}\ndef {_function(answers[gid])}(*args, **kwargs):\n"
                      "    return AlwaysEqual()\n" for i, gid in enumerate(_answer_order(name))}
         add(student, _fill(name, fake), 0)

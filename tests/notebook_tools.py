@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import nbformat
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTION_BLOCK = re.compile(r"^[ \t]*### BEGIN SOLUTION\n(.*?)^[ \t]*### END SOLUTION\n?", re.S | re.M)
@@ -34,3 +35,10 @@ def run_graded(cells: dict[str, nbformat.NotebookNode], answer_id: str, answer_s
         exec((replaced or {}).get(grade_id, strip_markers(cells[grade_id].source)), namespace)
     exec(answer_source, namespace)
     exec(cells["test_" + answer_id].source, namespace)
+
+
+def reference_refused(run, *args) -> None:
+    """`run(*args)` grades an answer that calls lorakit's own implementation of the exercise: its hidden tests must
+    switch that reference off, so the answer fails there with their RuntimeError."""
+    with pytest.raises(RuntimeError, match="switched off"):
+        run(*args)
