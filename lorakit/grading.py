@@ -23,7 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from nbgrader.preprocessors import NbGraderPreprocessor
+from nbformat.notebooknode import NotebookNode
+from nbgrader.preprocessors import Execute, NbGraderPreprocessor
 
 from lorakit import course
 
@@ -56,6 +57,38 @@ class StripHiddenTests(NbGraderPreprocessor):
                 if out.get("output_type") == "error":
                     out["traceback"] = [f"{out.get('ename', 'Error')}: {out.get('evalue', '')}"]
         return cell, resources
+
+
+# ------------------------------------------------------------------------------------------- autograde
+
+class ExecuteGradedCells(Execute):
+    """For autograde: nbgrader's Execute, running only the cells grading needs: every answer cell, every test cell
+    (with its hidden tests, which nbgrader has restored by then) and every other code cell that a later cell needs,
+    decided as `make check` decides (`lorakit.check.select_cells`: the names each cell binds and reads, plus the
+    `check-always` / `check-never` tags). The demonstrations no graded cell depends on (plots, tables, long runs)
+    are not run, so they cost the grader nothing; in the graded notebook and its feedback each such cell shows one
+    line saying so. Set as the first autograde preprocessor in nbgrader_config.py; LORAKIT_GRADE_EVERY_CELL=1
+    runs every cell instead, as plain nbgrader does."""
+
+    SKIPPED = "(not run by the grader: no graded cell needs this cell; it runs in full in your own notebook)\n"
+
+    def preprocess(self, nb, resources=None, km=None):
+        from lorakit.check import select_cells
+
+        code = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"]
+        if os.environ.get("LORAKIT_GRADE_EVERY_CELL") == "1":
+            self._graded = set(code)
+        else:
+            chosen = select_cells([{"source": nb.cells[i].source, "metadata": nb.cells[i].metadata} for i in code])
+            self._graded = {code[j] for j in chosen}
+        return super().preprocess(nb, resources, km)
+
+    def preprocess_cell(self, cell, resources, index):
+        if cell.cell_type == "code" and index not in self._graded:
+            cell.outputs = [NotebookNode(output_type="stream", name="stdout", text=self.SKIPPED)]
+            cell.execution_count = None
+            return cell, self.resources
+        return super().preprocess_cell(cell, resources, index)
 
 
 # ------------------------------------------------------------------------------------------- collect
@@ -114,11 +147,14 @@ def _nbgrader(root: Path, *args: str, timeout: float | None = None, threads: int
         return -9, (out or "") + f"\n[killed after {timeout:.0f} s: the submission did not finish]"
 
 
-def submissions(root: Path = ROOT, names: list[str] | None = None) -> list[tuple[str, str]]:
-    """(assignment, student) for every submitted/<student>/<assignment>/ folder."""
+def submissions(root: Path = ROOT, names: list[str] | None = None,
+                students: list[str] | None = None) -> list[tuple[str, str]]:
+    """(assignment, student) for every submitted/<student>/<assignment>/ folder (only `names`' assignments and
+    `students`' work, where given)."""
     pairs = []
     for folder in sorted((root / "submitted").glob("*/*")):
-        if folder.is_dir() and (names is None or folder.name in names):
+        if folder.is_dir() and (names is None or folder.name in names) and (
+                students is None or folder.parent.name in students):
             pairs.append((folder.name, folder.parent.name))
     return pairs
 
@@ -139,12 +175,13 @@ def _zero(root: Path, assignment: str, student: str) -> None:
 
 
 def autograde(root: Path = ROOT, names: list[str] | None = None, jobs: int | None = None,
-              timeout: float = 900, extra: tuple[str, ...] = (), release: bool = True) -> list[dict]:
-    """Autograde every submission in submitted/ (or those of the assignments in `names`), `jobs` at a time.
-    Returns one row per submission, also written to autograded/grading-report.csv."""
+              timeout: float = 900, extra: tuple[str, ...] = (), release: bool = True,
+              students: list[str] | None = None) -> list[dict]:
+    """Autograde every submission in submitted/ (or those of the assignments in `names`, of the `students`),
+    `jobs` at a time. Returns one row per submission, also written to autograded/grading-report.csv."""
     from nbgrader.api import Gradebook
 
-    pairs = submissions(root, names)
+    pairs = submissions(root, names, students)
     assignments = sorted({a for a, _ in pairs})
     if release and assignments:
         course.release(root, assignments)  # puts the assignments' source cells in the gradebook

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import nbformat
@@ -17,7 +18,7 @@ from nbgrader.api import Gradebook
 from notebook_tools import ROOT, graded_cells, source_notebook, strip_markers
 from test_grading import hidden_lines, text_of
 
-from lorakit import course, grading
+from lorakit import check, course, grading
 
 ASSIGNMENTS = course.assignments()
 
@@ -83,16 +84,22 @@ def _solved(name: str) -> nbformat.NotebookNode:
 
 @pytest.fixture(scope="module")
 def graded(scratch):
-    """A blank and a solved copy of every notebook, autograded as one batch by the instructor's own tool
-    (lorakit.grading: one nbgrader process per submission, two at a time, each kernel on its share of the cores),
-    then feedback for all of them."""
+    """A blank and a solved copy of every notebook, autograded by the instructor's own tool (lorakit.grading: one
+    nbgrader process per submission, two at a time, each kernel on its share of the cores), then feedback for all
+    of them. The solved copies are graded as every cohort is, running only the cells grading needs; the blank
+    copies with every cell (LORAKIT_GRADE_EVERY_CELL=1), which checks that the student version runs."""
     for name in ASSIGNMENTS:
         for student, nb in [("blank", nbformat.read(scratch / "notebooks" / name / f"{name}.ipynb", 4)),
                             ("solved", _solved(name))]:
             folder = scratch / "submitted" / student / name
             folder.mkdir(parents=True, exist_ok=True)
             nbformat.write(nb, folder / f"{name}.ipynb")
-    rows = grading.autograde(scratch, ASSIGNMENTS, jobs=2, timeout=1500, release=False)
+    rows = grading.autograde(scratch, ASSIGNMENTS, jobs=2, timeout=1500, release=False, students=["solved"])
+    os.environ["LORAKIT_GRADE_EVERY_CELL"] = "1"
+    try:
+        rows += grading.autograde(scratch, ASSIGNMENTS, jobs=2, timeout=1500, release=False, students=["blank"])
+    finally:
+        del os.environ["LORAKIT_GRADE_EVERY_CELL"]
     grading.feedback(scratch, ASSIGNMENTS)  # raises if nbgrader fails on one
     return {(r["assignment"], r["student"]): r for r in rows}
 
@@ -114,6 +121,22 @@ def test_autograde_scores_blank_zero_and_solved_full(graded, scratch, name):
         assert not solved.needs_manual_grade
     graded_nb = (scratch / "autograded" / "solved" / name / f"{name}.ipynb").read_text()
     assert "BEGIN HIDDEN TESTS" in graded_nb, "autograde must restore and run the hidden tests"
+
+
+@pytest.mark.parametrize("name", ASSIGNMENTS)
+def test_autograde_runs_every_graded_cell_and_skips_only_demonstrations(graded, scratch, name):
+    """lorakit.grading.ExecuteGradedCells: every answer and test cell of the solved copy ran; a cell that did not
+    run says so; the cells run are the ones `make check` picks (lorakit.check.select_cells)."""
+    nb = nbformat.read(scratch / "autograded" / "solved" / name / f"{name}.ipynb", 4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    chosen = set(check.select_cells([{"source": c.source, "metadata": c.metadata} for c in code]))
+    for i, cell in enumerate(code):
+        ran = cell.get("execution_count") is not None
+        assert ran == (i in chosen), f"{name} code cell {i}: ran {ran}, chosen {i in chosen}"
+        if cell.metadata.get("nbgrader", {}).get("solution") or cell.metadata.get("nbgrader", {}).get("grade"):
+            assert ran
+        if not ran:
+            assert [o.get("text") for o in cell.outputs] == [grading.ExecuteGradedCells.SKIPPED]
 
 
 @pytest.mark.parametrize("name", ASSIGNMENTS)
