@@ -19,7 +19,9 @@ writes; names bound by `import`, `def` and `class` count as read-only). Two opti
 `check-always` (run it anyway: a cell whose effect the analysis cannot see, such as a seed set through a
 module) and `check-never` (never run it, for example a long demonstration that the checks do not need).
 The test cells' source comes from the course's release (`notebooks/`), matched by `grade_id`, when it has
-the notebook, so an edited test cell in the student's copy does not change what is checked.
+the notebook, so an edited test cell in the student's copy does not change what is checked. Autograding runs
+the cells `select_cells` picks too (`lorakit.grading.ExecuteGradedCells`), so a cell the checks need is one the
+grader runs, and the pipeline test grades every solved notebook that way.
 """
 
 from __future__ import annotations

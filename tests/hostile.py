@@ -10,6 +10,8 @@ kernel, huge output, a file that is not JSON.
 
 from __future__ import annotations
 
+import ast
+
 import nbformat
 from notebook_tools import ROOT, graded_cells, source_notebook, strip_markers
 
@@ -171,12 +173,40 @@ def _answer_order(name: str) -> list[str]:
     return [k for k, c in graded_cells(source_notebook(name)).items() if c.metadata["nbgrader"].get("solution")]
 
 
+def _names(source: str) -> tuple[set[str], set[str]]:
+    """(names a cell binds at its top level, every name it mentions) of a cell's Python source."""
+    tree = ast.parse(source)
+    bound = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                bound |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return bound, {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+
+
+def points_needing(name: str, answer_id: str) -> float:
+    """Points of the test cells (hidden tests included) that fail when answer cell `answer_id` defines nothing:
+    those that mention one of its names, directly or through another answer that mentions one."""
+    cells = graded_cells(source_notebook(name))
+    answers = {k: _names(strip_markers(c.source)) for k, c in cells.items() if c.metadata["nbgrader"].get("solution")}
+    missing, grew = set(answers[answer_id][0]), True
+    while grew:  # an answer that calls a missing function is missing too, once it is called
+        grew = False
+        for bound, mentioned in answers.values():
+            if mentioned & missing and not bound <= missing:
+                missing |= bound
+                grew = True
+    return sum(points for gid, points in _points(name) if _names(cells[gid].source)[1] & missing)
+
+
 def cases(name: str, slow: bool = False) -> dict[str, tuple[str, float]]:
     """student id -> (notebook file text, expected score). `slow` adds the cases that cost a whole
     per-submission time limit (make grade-hostile)."""
     total = sum(p for _, p in _points(name))
     first_answer = _answer_order(name)[0]
-    first_points = dict(_points(name)).get("test_" + first_answer, 0.0)
+    first_points = points_needing(name, first_answer)  # its own test, and any later test that calls it
     answers = _answers(name)
     out: dict[str, tuple[str, float]] = {}
 
