@@ -32,15 +32,9 @@ c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
 
 # Feedback shows results, never the hidden tests' code: lorakit.grading.StripHiddenTests removes their regions
 # from the test cells and cuts every error output down to its exception line (a traceback quotes the code).
-from nbconvert.preprocessors import ClearMetadataPreprocessor, CSSHTMLHeaderPreprocessor  # noqa: E402
-from nbgrader.preprocessors import (  # noqa: E402
-    AssignLatePenalties,
-    CheckCellMetadata,
-    GetGrades,
-    IgnorePattern,
-    LimitOutput,
-    SaveAutoGrades,
-)
+from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor  # noqa: E402
+from nbgrader.converters import Autograde  # noqa: E402
+from nbgrader.preprocessors import Execute, GetGrades  # noqa: E402
 
 from lorakit.grading import ExecuteGradedCells, StripHiddenTests  # noqa: E402
 
@@ -48,6 +42,8 @@ c.GenerateFeedback.preprocessors = [StripHiddenTests, GetGrades, CSSHTMLHeaderPr
 
 # Autograde runs what grading needs, not the demonstrations: lorakit.grading.ExecuteGradedCells takes the place of
 # nbgrader's Execute (same timeouts, set above) and runs the answer cells, the test cells and the cells they depend
-# on, as `make check` chooses them. The rest of the list is nbgrader 0.9.6's default, unchanged.
-c.Autograde.autograde_preprocessors = [ExecuteGradedCells, IgnorePattern, ClearMetadataPreprocessor, LimitOutput,
-                                       SaveAutoGrades, AssignLatePenalties, CheckCellMetadata]
+# on, as `make check` chooses them. The rest of the list is nbgrader's own default, read from nbgrader itself.
+c.Autograde.autograde_preprocessors = [
+    ExecuteGradedCells if p is Execute else p
+    for p in Autograde.class_traits()["autograde_preprocessors"].make_dynamic_default()
+]

@@ -79,7 +79,7 @@ class ExecuteGradedCells(Execute):
         if os.environ.get("LORAKIT_GRADE_EVERY_CELL") == "1":
             self._graded = set(code)
         else:
-            chosen = select_cells([{"source": nb.cells[i].source, "metadata": nb.cells[i].metadata} for i in code])
+            chosen = select_cells([nb.cells[i] for i in code])
             self._graded = {code[j] for j in chosen}
         return super().preprocess(nb, resources, km)
 
