@@ -118,6 +118,7 @@ class HiddenCache:
     targets: torch.Tensor
     label_ids: list[int]
     start: int
+    prefix_len: int = 0  # leading tokens every row shares (the chat template's system turn): see `share_prefix`
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
@@ -138,6 +139,55 @@ def _run_layers(decoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.
     for layer in layers:
         hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
     return hidden
+
+
+class _SharedPrefix:
+    """Stands in for transformers' `Cache` in the top layers' attention, with one job: keep the keys and values of
+    the prefix that every row shares (computed once, for one row) and put them in front of each row's own."""
+
+    def __init__(self):
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx not in self.kv:  # the prefix pass: (1, heads, p, head_dim)
+            self.kv[layer_idx] = (key, value)
+            return key, value
+        k0, v0 = self.kv[layer_idx]
+        b = key.shape[0]
+        return torch.cat([k0.expand(b, -1, -1, -1), key], 2), torch.cat([v0.expand(b, -1, -1, -1), value], 2)
+
+
+def _run_layers_shared(decoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, layers,
+                       prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_run_layers` for rows whose first `prefix` positions are the same tokens: those positions go through each
+    layer once (row 0's), the rest of every row attends to their keys and values. Returns the outputs of the
+    prefix (1, prefix, d) and of the rest of the rows (B, w - prefix, d): together, what `_run_layers` gives up to
+    float rounding, for (B - 1)·prefix fewer token positions through the layers."""
+    b, w, _ = hidden.shape
+    if not 0 < prefix < w:
+        raise ValueError(f"a shared prefix must leave each row a token of its own: prefix {prefix}, width {w}")
+    s = w - prefix
+    pre, suf = hidden[:1, :prefix], hidden[:, prefix:]
+    pos_pre = torch.arange(prefix, device=hidden.device).unsqueeze(0)
+    pos_suf = torch.arange(prefix, w, device=hidden.device).unsqueeze(0)
+    pe_pre, pe_suf = decoder.rotary_emb(pre, position_ids=pos_pre), decoder.rotary_emb(suf, position_ids=pos_suf)
+    mask_pre = torch.ones(prefix, prefix, dtype=torch.bool, device=hidden.device).tril()[None, None]
+    own = torch.ones(s, s, dtype=torch.bool, device=hidden.device).tril()[None]
+    own = own & attention_mask[:, None, prefix:].bool()  # causal within the row's own tokens, no padding keys
+    mask_suf = torch.cat([own.new_ones(b, s, prefix), own], -1)[:, None]  # (B, 1, s, prefix + s): True = attend
+    kv = _SharedPrefix()
+    for layer in layers:  # layer by layer: each suffix pass needs that layer's prefix keys and values
+        pre = layer(pre, attention_mask=mask_pre, position_ids=pos_pre, position_embeddings=pe_pre, cache=kv)
+        suf = layer(suf, attention_mask=mask_suf, position_ids=pos_suf, position_embeddings=pe_suf, cache=kv)
+    return pre, suf
+
+
+def _common_prefix(rows: Sequence[list[int]]) -> int:
+    n = min(map(len, rows))
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return n
 
 
 def _pad(rows: Sequence[list[int]], value: int, width: int) -> torch.Tensor:
@@ -184,26 +234,38 @@ def cache_hidden_states(
             chunks.append(_run_layers(decoder, hidden, mask.to(hidden.device), decoder.layers[:start]))
     decoder.train(was_training)
     hidden = torch.cat(chunks)  # (N, T, d)
+    prefix = min(_common_prefix([ids for ids, _ in pairs]), int(answer_pos.min()))  # never into the answer
     return HiddenCache(hidden, attention_mask.to(hidden.device), labels.to(hidden.device),
-                       answer_pos.to(hidden.device), targets.to(hidden.device), label_token_ids(tokenizer), start)
+                       answer_pos.to(hidden.device), targets.to(hidden.device), label_token_ids(tokenizer), start,
+                       prefix)
 
 
-def _top_hidden(model: nn.Module, cache: HiddenCache, idx) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final-norm output of the top layers for rows `idx`, cut to their longest row: (B, w, d), and idx."""
+def _top_hidden(model: nn.Module, cache: HiddenCache, idx, share_prefix: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final-norm output of the top layers for rows `idx`, cut to their longest row: (B, w, d), and idx.
+    `share_prefix`: run the rows' common prefix (`cache.prefix_len` tokens) through the top layers once."""
     _, decoder, _ = _parts(model)
     if cache.start >= len(decoder.layers) or cache.hidden.shape[-1] != decoder.config.hidden_size:
         raise ValueError("this cache was made for another model")
     idx = torch.as_tensor(idx, dtype=torch.long, device=cache.hidden.device)
     mask = cache.attention_mask[idx]
     width = int(mask.sum(1).max())  # right padding: later columns are padding in every row
-    hidden = _run_layers(decoder, cache.hidden[idx, :width], mask[:, :width], decoder.layers[cache.start :])
+    layers = decoder.layers[cache.start :]
+    if share_prefix and cache.prefix_len > 0 and len(idx) > 1:
+        pre, suf = _run_layers_shared(decoder, cache.hidden[idx, :width], mask[:, :width], layers, cache.prefix_len)
+        return torch.cat([decoder.norm(pre).expand(len(idx), -1, -1), decoder.norm(suf)], 1), idx
+    hidden = _run_layers(decoder, cache.hidden[idx, :width], mask[:, :width], layers)
     return decoder.norm(hidden), idx
 
 
-def cached_loss(model: nn.Module, cache: HiddenCache, idx) -> torch.Tensor:
+def cached_loss(model: nn.Module, cache: HiddenCache, idx, share_prefix: bool = False) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens of rows `idx` (as `lorakit.train.answer_loss` on the full
-    model), running only the top layers; the output head is applied at the answer positions alone."""
-    hidden, idx = _top_hidden(model, cache, idx)  # (B, w, d)
+    model), running only the top layers; the output head is applied at the answer positions alone.
+
+    `share_prefix=True`: every ticket starts with the same tokens (the chat template's system turn and the start
+    of the user turn, `cache.prefix_len` of them), so in the top layers they are computed once for the batch,
+    not once per row; the rows attend to their keys and values. Equal up to float rounding, and cheaper."""
+    hidden, idx = _top_hidden(model, cache, idx, share_prefix)  # (B, w, d)
     labels = cache.labels[idx, 1 : hidden.shape[1]]  # (B, w - 1): the token each position predicts
     keep = labels != IGNORE_INDEX
     logits = _parts(model)[2](hidden[:, :-1][keep])  # (n_answer_tokens, V)

@@ -22,7 +22,7 @@ from lorakit.fast import (
 )
 from lorakit.lora import add_lora
 from lorakit.models import load_smollm2
-from lorakit.train import answer_loss, collate
+from lorakit.train import answer_loss, collate, encode
 
 TOP_K = 2
 
@@ -100,6 +100,26 @@ def test_gradients_match_the_full_model(adapted, tickets):
     for p, g in zip(params, full, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
     model.zero_grad(set_to_none=True)
+
+
+def test_a_shared_prefix_is_computed_once_with_the_same_result(adapted, tickets):
+    model, tokenizer, cache, _ = adapted
+    ids = [encode(tokenizer, t["prompt"], t["answer"], SYSTEM)[0] for t in tickets["train"]]
+    p = cache.prefix_len
+    assert p > 0 and all(row[:p] == ids[0][:p] for row in ids), "every ticket starts with the same p tokens"
+    assert len({row[p] for row in ids}) > 1, "and no longer prefix is shared"
+    prefix = tokenizer.decode(ids[0][:p])
+    assert prefix.endswith(f"{SYSTEM}<|im_end|>\n<|im_start|>user\n"), prefix  # the system turn, the user's start
+    assert p <= int(cache.answer_pos.min())
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = [5, 0, 3, 6]
+    plain = cached_loss(model, cache, rows)
+    shared = cached_loss(model, cache, rows, share_prefix=True)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-6)
+    for g_shared, g_plain in zip(torch.autograd.grad(shared, params), torch.autograd.grad(plain, params), strict=True):
+        torch.testing.assert_close(g_shared, g_plain, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # one row: nothing to share, the plain path
+        assert torch.equal(cached_loss(model, cache, [2], share_prefix=True), cached_loss(model, cache, [2]))
 
 
 def test_peft_dora_uses_the_cache_too(smollm2, adapted, tickets):
