@@ -12,7 +12,8 @@ The pieces, each small:
   next-token distribution on a few replay texts per step (the base is the same model with its adapter disabled,
   so it costs no second copy). `kl_weight=0` is plain LoRA.
 * `generate_answers` / `exact_match`: task accuracy as a user sees it: greedy generation, the reply compared with
-  the required action word for word.
+  the required action word for word. `greedy_replies`: the same replies, generating only the wrong ones (a
+  teacher-forced forward over the cached tickets, `greedy_hits`, finds the replies that are exactly the answer).
 * `flops_per_token`, `estimate_mfu`, `peak_flops`: throughput and model FLOPs utilisation, nanoGPT-style.
 * `result_line`: the one summary line a script can read.
 """
@@ -34,9 +35,17 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from lorakit.data import SYSTEM, accuracy_with_stderr
-from lorakit.fast import HiddenCache, _parts, _run_layers, _start, cached_loss, evaluate_cached, top_layer_targets
+from lorakit.fast import (
+    HiddenCache,
+    _parts,
+    _run_layers,
+    _start,
+    _top_hidden,
+    cached_loss,
+    top_layer_targets,
+)
 from lorakit.lora import _positive_int, _positive_number
-from lorakit.train import IGNORE_INDEX, optimize, prompt_ids
+from lorakit.train import IGNORE_INDEX, encode, optimize, prompt_ids
 
 __all__ = [
     "Settings",
@@ -48,6 +57,8 @@ __all__ = [
     "kl_to_base",
     "train_guarded",
     "generate_answers",
+    "greedy_hits",
+    "greedy_replies",
     "exact_match",
     "flops_per_token",
     "peak_flops",
@@ -56,6 +67,7 @@ __all__ = [
     "predict_activation_bytes",
     "optimizer_factory",
     "sweep",
+    "heldout_task",
     "heldout_kl",
     "format_sweep",
 ]
@@ -302,12 +314,18 @@ def train_guarded(
     progress: bool = True,
     after_step: Callable[[int, float], None] | None = None,
     optimizer_factory: Callable | None = None,
+    share_prefix: bool = True,
 ) -> dict:
     """Train the adapters on the task loss (answer tokens of `cache`) plus `kl_weight` × `kl_to_base` on
-    `replay_batch` replay texts per step. Batches and replay rows cycle in seeded shuffled orders.
+    `replay_batch` replay texts per step. Ticket batches cycle in a seeded shuffled order. Replay rows are drawn
+    in batches of similar length (sorted by length, cut into batches, the batches shuffled, seeded), so that a
+    batch is padded to little more than its own texts. `share_prefix`: the tickets' common prefix (the chat
+    template's system turn) goes through the top layers once per batch (`lorakit.fast.cached_loss`).
 
-    Returns {"loss": [...], "task_loss": [...], "kl": [...], "seconds": s, "tokens": n}: per-step losses, the
-    training time and the number of real tokens that went through the top layers (tickets and replay text)."""
+    Returns {"loss": [...], "task_loss": [...], "kl": [...], "seconds": s, "tokens": n, "computed_tokens": m}:
+    per-step losses, the training time, the number of real tokens trained on (tickets and replay text, padding
+    left out) and the number of token positions that actually went through the top layers with gradients (the
+    same, less the shared prefix's repeats: count FLOPs from this one)."""
     steps = _positive_int("steps", steps)
     batch_size = _positive_int("batch_size", batch_size)
     if len(cache) < batch_size:
@@ -321,25 +339,36 @@ def train_guarded(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     orders: dict[str, list[int]] = {"task": [], "replay": []}
-    record: dict = {"task_loss": [], "kl": [], "tokens": 0}
+    record: dict = {"task_loss": [], "kl": [], "tokens": 0, "computed_tokens": 0}
+
+    lengths = replay.attention_mask.sum(1).tolist() if guard else []
 
     def take(name: str, size: int, n: int) -> list[int]:
         if len(orders[name]) < n:
             epoch = list(range(size))
             rng.shuffle(epoch)
+            if name == "replay":  # stable sort: equal lengths keep their shuffled order
+                epoch.sort(key=lengths.__getitem__)
+                groups = [epoch[i : i + n] for i in range(0, size, n)]
+                rng.shuffle(groups)
+                epoch = [i for g in groups for i in g]
             orders[name] += epoch
         idx, orders[name] = orders[name][:n], orders[name][n:]
         return idx
 
     def step_loss(step: int) -> torch.Tensor:
         idx = take("task", len(cache), batch_size)
-        loss = cached_loss(model, cache, idx)
-        record["tokens"] += int(cache.attention_mask[torch.as_tensor(idx)].sum())
+        loss = cached_loss(model, cache, idx, share_prefix=share_prefix)
+        tokens = int(cache.attention_mask[torch.as_tensor(idx)].sum())
+        record["tokens"] += tokens
+        shared = share_prefix and len(idx) > 1  # as cached_loss decides
+        record["computed_tokens"] += tokens - (len(idx) - 1) * cache.prefix_len * shared
         record["task_loss"].append(loss.item())
         if guard:
             ridx = take("replay", len(replay), replay_batch)
             kl = kl_to_base(model, replay, ridx)
             record["tokens"] += replay.tokens(ridx)
+            record["computed_tokens"] += replay.tokens(ridx)
             record["kl"].append(kl.item())
             loss = loss + kl_weight * kl
         return loss
@@ -383,6 +412,58 @@ def generate_answers(model, tokenizer, tickets: Sequence[dict], system: str | No
                                  temperature=None, top_p=None, top_k=None)
             replies += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
     model.train(was_training)
+    return replies
+
+
+def greedy_hits(model, cache: HiddenCache, max_new_tokens: int = 6, batch_size: int = 64) -> list[bool]:
+    """Per cached ticket: would greedy decoding reply with exactly its label tokens (the answer, then end-of-turn)?
+    Teacher forcing on the cache: the ticket is already followed by its answer, so one forward of the top layers
+    gives the model's next-token logits at every label position at once, and the reply is exactly the answer when the
+    most likely token over the whole vocabulary is, at each of the first `max_new_tokens` label positions, that
+    label. Greedy decoding then emits those tokens one by one and stops at end-of-turn."""
+    max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+    batch_size = _positive_int("batch_size", batch_size)
+    head = _parts(model)[2]
+    hits: list[bool] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(cache), batch_size):
+            hidden, idx = _top_hidden(model, cache, range(i, min(i + batch_size, len(cache))), share_prefix=True)
+            labels = cache.labels[idx, 1 : hidden.shape[1]]  # (B, w - 1): the token each position predicts
+            keep = (labels != IGNORE_INDEX) & ((labels != IGNORE_INDEX).cumsum(1) <= max_new_tokens)
+            right = torch.zeros_like(labels, dtype=torch.bool)
+            right[keep] = head(hidden[:, :-1][keep]).argmax(-1) == labels[keep]
+            hits += (right | ~keep).all(1).tolist()
+    model.train(was_training)
+    return hits
+
+
+def greedy_replies(model, tokenizer, tickets: Sequence[dict], cache: HiddenCache, system: str | None = SYSTEM,
+                   max_new_tokens: int = 6, batch_size: int = 50) -> list[str]:
+    """The replies `generate_answers` gives, generating only where the reply is not the answer. `cache` holds the same
+    `tickets`, in order (`cache_hidden_states` with the same `system`). `greedy_hits` finds the tickets whose greedy
+    reply is exactly their answer with one teacher-forced forward; those get their answer, and only the others are
+    generated, to show what the model says instead. A fine-tuned model that is mostly right is scored for the price
+    of a forward pass instead of a generation loop; `exact_match` of the result is the same list."""
+    if len(cache) != len(tickets):
+        raise ValueError(f"the cache holds {len(cache)} tickets, not the {len(tickets)} given: cache these tickets")
+    hits = greedy_hits(model, cache, max_new_tokens=max_new_tokens)
+    replies: list[str | None] = [None] * len(tickets)
+    lengths = cache.attention_mask.sum(1).tolist()
+    for i, (hit, ticket) in enumerate(zip(hits, tickets, strict=True)):
+        ids, _ = encode(tokenizer, ticket["prompt"], ticket["answer"], system)
+        label = cache.labels[i][cache.labels[i] != IGNORE_INDEX][:max_new_tokens]
+        if len(ids) != lengths[i] or tokenizer.decode(label, skip_special_tokens=True).strip() != ticket["answer"]:
+            raise ValueError(f"row {i} of the cache is not ticket {i}: cache the same tickets, in the same order, "
+                             "with the same system message")
+        if hit:
+            replies[i] = tokenizer.decode(label, skip_special_tokens=True).strip()
+    missed = [i for i, hit in enumerate(hits) if not hit]
+    generated = generate_answers(model, tokenizer, [tickets[i] for i in missed], system=system,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size) if missed else []
+    for i, reply in zip(missed, generated, strict=True):
+        replies[i] = reply
     return replies
 
 
@@ -486,35 +567,39 @@ def cuda_peak_memory():
 
 
 def predict_activation_bytes(model, top_k: int, ticket_tokens: int, answer_tokens: int, replay_tokens: int = 0,
-                             replay_positions: int = 0) -> dict:
+                             replay_positions: int = 0, prefix_kv_tokens: int = 0) -> dict:
     """Bytes autograd saves for backward in one step of `train_guarded`, predicted from the architecture alone.
 
     Per token and adapted decoder layer (Llama block, every weight frozen but the adapters), the tensors a
-    backward pass needs are: the two RMSNorm inputs and outputs and their inverse norms (4d + 2), the attention
-    inputs and output that SDPA keeps (query d, key and value 2·d_kv, output d, one log-sum-exp per head), the
+    backward pass needs are: the two RMSNorm inputs and outputs and their inverse norms (4d + 2), the query, key
+    and value that SDPA keeps (3d: with a padding mask, transformers repeats grouped-query attention's key and
+    value heads to every query head before SDPA, so they are d wide, not d_kv) and one log-sum-exp per head, the
     input of o_proj (d), the MLP's gate output, its SiLU, the up output and their product (4·d_ff), and each
     adapter's r-wide middle (r per adapted matrix). The output head keeps, per scored position, its input (d)
     and the log-softmax over the vocabulary (V); the guard scores every replay position, and its KL term keeps
     the base model's log-probabilities too (2V). The element size is the model's dtype. Returns the parts and
     the total; compare with `lorakit.memory.measure_training_state`.
+
+    With a shared prefix (`cached_loss(..., share_prefix=True)`), `ticket_tokens` counts the token positions that
+    actually go through the layers (the prefix once, p + B·(w − p)), and `prefix_kv_tokens` (B·p) the prefix keys
+    and values that each row's attention keeps in addition (2d per position and layer).
     """
     lm, decoder, _ = _parts(model)
     start = _start(model, top_k)
     cfg = lm.config
     d, d_ff, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", d // heads)
-    d_kv = cfg.num_key_value_heads * head_dim
+    attn = heads * getattr(cfg, "head_dim", d // heads)  # the attention width (d in Llama)
     adapter_width = 0
     for layer in decoder.layers[start : start + 1]:
         for name, p in layer.named_parameters():
             if p.requires_grad and "lora_A" in name:
                 adapter_width += p.shape[0]  # r of each adapted matrix
     size = next(p for p in decoder.layers[start].parameters() if p.is_floating_point()).element_size()
-    per_token_layer = 4 * d + 2 + (d + 2 * d_kv + d + heads) + d + 4 * d_ff + adapter_width
+    per_token_layer = 4 * d + 2 + (3 * attn + heads) + attn + 4 * d_ff + adapter_width
     tokens = ticket_tokens + replay_tokens
     vocab = cfg.vocab_size
     parts = {
-        "decoder layers": size * per_token_layer * tokens * top_k,
+        "decoder layers": size * (per_token_layer * tokens + 2 * attn * prefix_kv_tokens) * top_k,
         "final norm": size * (2 * d + 1) * tokens,
         "output head, tickets": size * (d + vocab) * answer_tokens,
         "output head, replay": size * (d + 2 * vocab) * replay_positions,
@@ -532,8 +617,9 @@ def sweep(base: nn.Module, settings: Settings, grid: Sequence[dict], train_cache
     """One short guarded fine-tune per entry of `grid` (overrides of `settings`: lr, r, alpha, dropout, targets,
     kl_weight, ...), each on a fresh copy of `base` (a model without adapters) with the same caches, batches and
     seed. Returns one row per entry: the overrides, trainable parameters, held-out accuracy by scoring the four
-    actions (`lorakit.fast.evaluate_cached`) with its standard error, the KL to the base on `heldout` text (a
-    regression measure that needs no generation), and seconds per step."""
+    actions (as `lorakit.fast.evaluate_cached`) with its standard error, the held-out task loss (cross-entropy of
+    the answer tokens of `test_cache`: it moves after a few steps, long before the accuracy does), the KL to the
+    base on `heldout` text (a regression measure that needs no generation), and seconds per step."""
     rows = []
     bar = tqdm(grid, desc="sweep", **({} if progress else {"disable": True}))
     for overrides in bar:
@@ -543,14 +629,36 @@ def sweep(base: nn.Module, settings: Settings, grid: Sequence[dict], train_cache
                             replay_batch=run_settings.replay_batch, batch_size=run_settings.batch_size,
                             lr=run_settings.lr, seed=run_settings.seed, progress=False,
                             optimizer_factory=optimizer_factory(run_settings.device))
-        acc, se = accuracy_with_stderr(evaluate_cached(model, test_cache))
-        model.eval()
+        correct, task_loss = heldout_task(model, test_cache)
+        acc, se = accuracy_with_stderr(correct)
         kl = heldout_kl(model, heldout)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rows.append({**overrides, "trainable": trainable, "acc": acc, "stderr": se, "heldout_kl": kl,
-                     "s_per_step": run["seconds"] / steps})
+        rows.append({**overrides, "trainable": trainable, "acc": acc, "stderr": se, "task_loss": task_loss,
+                     "heldout_kl": kl, "s_per_step": run["seconds"] / steps})
         del model
     return rows
+
+
+def heldout_task(model, cache: HiddenCache, batch_size: int = 64) -> tuple[list[bool], float]:
+    """One pass of the top layers over every ticket of `cache`, without gradients: per ticket, does the required
+    action's first token score highest of the four (`lorakit.fast.evaluate_cached`), and the mean cross-entropy
+    per answer token (`lorakit.fast.cached_loss`)."""
+    batch_size = _positive_int("batch_size", batch_size)
+    head = _parts(model)[2]
+    correct, total, count = [], 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(cache), batch_size):
+            hidden, idx = _top_hidden(model, cache, range(i, min(i + batch_size, len(cache))), share_prefix=True)
+            scores = head(hidden[torch.arange(len(idx)), cache.answer_pos[idx]])[:, cache.label_ids]  # (B, 4)
+            correct += (scores.argmax(-1) == cache.targets[idx]).tolist()
+            labels = cache.labels[idx, 1 : hidden.shape[1]]
+            keep = labels != IGNORE_INDEX
+            total += F.cross_entropy(head(hidden[:, :-1][keep]).float(), labels[keep], reduction="sum").item()
+            count += int(keep.sum())
+    model.train(was_training)
+    return correct, total / count
 
 
 def heldout_kl(model, texts: TextCache, batch_size: int = 16) -> float:
@@ -572,7 +680,7 @@ def format_sweep(rows: Sequence[dict]) -> str:
     """The rows of `sweep` as a text table, one line per setting."""
     keys = [k for k in ("lr", "r", "alpha", "dropout", "targets", "kl_weight") if any(k in row for row in rows)]
     header = " ".join(f"{k:>10}" for k in keys)
-    header += f" {'trainable':>10} {'accuracy':>13} {'held-out KL':>12} {'s/step':>7}"
+    header += f" {'trainable':>10} {'accuracy':>13} {'task loss':>10} {'held-out KL':>12} {'s/step':>7}"
     lines = [header]
     for row in rows:
         cells = []
@@ -581,5 +689,5 @@ def format_sweep(rows: Sequence[dict]) -> str:
             v = ",".join(v) if isinstance(v, (list, tuple)) else v
             cells.append(f"{v:>10}" if not isinstance(v, float) else f"{v:>10.3g}")
         lines.append(" ".join(cells) + f" {row['trainable']:>10,} {row['acc']:>6.2f} ± {row['stderr']:.2f}"
-                     f" {row['heldout_kl']:>12.4f} {row['s_per_step']:>7.2f}")
+                     f" {row['task_loss']:>10.3f} {row['heldout_kl']:>12.4f} {row['s_per_step']:>7.2f}")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """lorakit.finetune: the pieces of notebook 11's fine-tune, on a tiny Llama built from a config (random weights,
 SmolLM2's tokenizer), so that they run in seconds: replay caching is exact, the KL guard is zero for a fresh adapter
-and trains only the adapter, exact match is exact, the FLOPs formula, MFU, the result line, the activation
-prediction against the measurement, and the sweep."""
+and trains only the adapter, exact match is exact, the greedy replies found by teacher forcing are the generated
+ones, the FLOPs formula, MFU, the result line, the activation prediction against the measurement, and the sweep."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import re
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lorakit import finetune
 from lorakit.data import SYSTEM, task_splits
-from lorakit.fast import cache_hidden_states, cached_loss
+from lorakit.fast import cache_hidden_states, cached_loss, evaluate_cached
 from lorakit.memory import measure_training_state, predict_training_state
 from lorakit.models import prepare_smollm2
 
@@ -119,11 +120,41 @@ def test_train_guarded_records_both_losses(tiny, data):
         assert math.isclose(total, task + 0.5 * kl, rel_tol=1e-5)
     assert run["kl"][0] == pytest.approx(0.0, abs=1e-7)  # B = 0 at the first step
     assert run["tokens"] > 0 and run["seconds"] > 0
+    # 3 batches of 4 tickets: the shared prefix goes through the layers once a batch, not 4 times
+    assert run["tokens"] - run["computed_tokens"] == 3 * 3 * data["train"].prefix_len > 0
     naive = finetune.train_guarded(finetune.add_adapter(copy.deepcopy(model), _settings()), data["train"], 2,
                                    replay=data["replay"], kl_weight=0.0, batch_size=4, progress=False)
     assert naive["kl"] == [] and len(naive["loss"]) == 2
     with pytest.raises(ValueError, match="replay_batch"):
         finetune.train_guarded(peft_model, data["train"], 1, replay=data["replay"], replay_batch=99, batch_size=4)
+
+
+def test_train_guarded_draws_replay_by_length_and_shares_the_prefix(tiny, data, monkeypatch):
+    model, _ = tiny
+    replay = data["replay"]
+    lengths = replay.attention_mask.sum(1).tolist()
+    drawn, kl_to_base = [], finetune.kl_to_base
+
+    def spy(m, cache, idx):
+        drawn.append(sorted(idx))
+        return kl_to_base(m, cache, idx)
+
+    monkeypatch.setattr(finetune, "kl_to_base", spy)
+    runs = {}
+    for share in (False, True):
+        drawn.clear()
+        runs[share] = finetune.train_guarded(finetune.add_adapter(copy.deepcopy(model), _settings()), data["train"],
+                                             4, replay=replay, replay_batch=2, batch_size=4, lr=1e-2, progress=False,
+                                             share_prefix=share)
+        # sorted by length and cut into batches of 2: the two shortest together, the two longest together
+        by_length = sorted(range(len(replay)), key=lengths.__getitem__)
+        groups = [sorted(by_length[:2]), sorted(by_length[2:])]
+        assert all(batch in groups for batch in drawn) and len(drawn) == 4, drawn
+        assert drawn[0] != drawn[1] and drawn[2] != drawn[3], "each epoch draws every batch once"
+    assert data["train"].prefix_len > 0
+    # the shared prefix changes the arithmetic, not the result: the same losses to float rounding
+    for key in ("task_loss", "kl"):
+        assert runs[True][key] == pytest.approx(runs[False][key], rel=1e-4, abs=1e-6)
     with pytest.raises(ValueError, match="no parameter requires grad"):
         finetune.train_guarded(copy.deepcopy(model), data["train"], 1, batch_size=4)
 
@@ -141,6 +172,40 @@ def test_generate_answers_is_deterministic_and_greedy(tiny, data):
     first = finetune.generate_answers(model, tokenizer, tickets, max_new_tokens=3, batch_size=2)
     assert first == finetune.generate_answers(model, tokenizer, tickets, max_new_tokens=3, batch_size=3)
     assert len(first) == 3 and all(isinstance(r, str) for r in first)
+
+
+def test_greedy_replies_are_the_generated_replies(tiny, data, monkeypatch):
+    model, tokenizer = tiny
+    tickets, cache = data["splits"]["train"], data["train"]
+    learner = copy.deepcopy(model)  # the top layers and an untied head trained in full: it memorises fast
+    learner.lm_head.weight = nn.Parameter(learner.lm_head.weight.detach().clone())
+    learner.lm_head.requires_grad_(True)
+    learner.model.layers[-TOP_K:].requires_grad_(True)
+    generated = []
+    real_generate = finetune.generate_answers
+
+    def spy(m, tok, some, **kw):
+        generated.extend(some)
+        return real_generate(m, tok, some, **kw)
+
+    monkeypatch.setattr(finetune, "generate_answers", spy)
+    seen = []
+    for seed in range(12):  # from no ticket answered exactly, through some, towards all
+        hits = finetune.greedy_hits(learner, cache)
+        generated.clear()
+        replies = finetune.greedy_replies(learner, tokenizer, tickets, cache)
+        assert replies == real_generate(learner, tokenizer, tickets)
+        assert finetune.exact_match(replies, tickets) == hits
+        assert len(generated) == hits.count(False), "only the tickets not answered exactly are generated"
+        seen.append(sum(hits))
+        if all(hits):
+            break
+        finetune.train_guarded(learner, cache, 10, batch_size=4, lr=1e-2, seed=seed, progress=False)
+    assert seen[0] == 0 and any(0 < n < len(tickets) for n in seen), seen
+    with pytest.raises(ValueError, match="cache holds 16 tickets"):
+        finetune.greedy_replies(learner, tokenizer, tickets[:3], cache)
+    with pytest.raises(ValueError, match="row 0 of the cache is not ticket 0"):
+        finetune.greedy_replies(learner, tokenizer, tickets[::-1], cache)
 
 
 def test_flops_per_token_counts_the_top_layers(tiny):
@@ -180,14 +245,23 @@ def test_activation_prediction_is_close_to_the_measurement(tiny, data):
     def loss_fn(m, _batch):
         return cached_loss(m, train, idx) + finetune.kl_to_base(m, replay, ridx)
 
+    def shared_loss_fn(m, _batch):
+        return cached_loss(m, train, idx, share_prefix=True) + finetune.kl_to_base(m, replay, ridx)
+
     measured = measure_training_state(peft_model, {}, loss_fn=loss_fn)
     width = int(train.attention_mask[idx].sum(1).max())
-    predicted = finetune.predict_activation_bytes(
-        peft_model, TOP_K, ticket_tokens=len(idx) * width,
-        answer_tokens=int((train.labels[idx, 1:width] != -100).sum()),
-        replay_tokens=len(ridx) * int(replay.attention_mask[ridx].sum(1).max()),
-        replay_positions=int(replay.attention_mask[ridx, 1:].sum()))
-    assert 0.8 < predicted["total"] / measured.activations < 1.25, (predicted, measured.activations)
+    common = {"answer_tokens": int((train.labels[idx, 1:width] != -100).sum()),
+              "replay_tokens": len(ridx) * int(replay.attention_mask[ridx].sum(1).max()),
+              "replay_positions": int(replay.attention_mask[ridx, 1:].sum())}
+    predicted = finetune.predict_activation_bytes(peft_model, TOP_K, ticket_tokens=len(idx) * width, **common)
+    assert 0.9 < predicted["total"] / measured.activations < 1.1, (predicted, measured.activations)
+    # the prefix shared: p + B (w - p) token positions through the layers, and B p prefix keys and values kept
+    shared = measure_training_state(peft_model, {}, loss_fn=shared_loss_fn)
+    p = train.prefix_len
+    assert shared.activations < measured.activations
+    predicted_shared = finetune.predict_activation_bytes(
+        peft_model, TOP_K, ticket_tokens=p + len(idx) * (width - p), prefix_kv_tokens=len(idx) * p, **common)
+    assert 0.9 < predicted_shared["total"] / shared.activations < 1.1, (predicted_shared, shared.activations)
     state = predict_training_state(peft_model)
     assert (state.gradients, state.optimizer) == (measured.gradients, measured.optimizer)
 
@@ -200,10 +274,27 @@ def test_sweep_runs_every_setting_from_the_same_caches(tiny, data):
     assert [r["lr"] for r in rows] == [1e-2, 1e-3]
     assert rows[1]["trainable"] < rows[0]["trainable"]
     for r in rows:
-        assert 0 <= r["acc"] <= 1 and r["heldout_kl"] >= 0 and r["s_per_step"] > 0
+        assert 0 <= r["acc"] <= 1 and r["heldout_kl"] >= 0 and r["s_per_step"] > 0 and r["task_loss"] > 0
     table = finetune.format_sweep(rows)
     assert "q_proj,v_proj" in table and len(table.splitlines()) == 3
     assert not any(p.requires_grad for p in model.parameters()), "the sweep never adapts the base it is given"
+
+
+def test_heldout_task_is_the_cached_accuracy_and_loss(tiny, data):
+    model, _ = tiny
+    peft_model = finetune.add_adapter(copy.deepcopy(model), _settings())
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    test = data["test"]
+    correct, loss = finetune.heldout_task(peft_model, test, batch_size=3)  # batches of 3, 3 and 2
+    assert correct == evaluate_cached(peft_model, test)
+    labels = test.labels[:, 1:]
+    counts = (labels != -100).sum(1)  # answer tokens per ticket: the mean is over tokens, not tickets
+    with torch.no_grad():
+        per_row = torch.stack([cached_loss(peft_model, test, [i]) for i in range(len(test))])
+    assert loss == pytest.approx(float((per_row * counts).sum() / counts.sum()), rel=1e-5)
 
 
 def test_cached_task_loss_matches_the_full_model(tiny, data):
