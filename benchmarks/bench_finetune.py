@@ -6,8 +6,9 @@ What it runs
     the top `--top-k` decoder layers, trained from cached hidden states of the frozen lower layers, with the KL-to-base
     guard on replayed general text. Before and after: task accuracy (exact match of the greedy reply on `--n-test`
     held-out tickets) and regression perplexity on 64 held-out chatterbot-corpus conversations. Then throughput
-    (real tokens through the adapted layers per second of training), model FLOPs utilisation where the device's
-    peak is known (`lorakit.finetune.PEAK_FLOPS_BF16`), and memory: predicted (`predict_training_state` +
+    (real tokens trained on per second), model FLOPs utilisation where the device's peak is known
+    (`lorakit.finetune.PEAK_FLOPS_BF16`; FLOPs counted on the token positions computed, the tickets' shared prefix
+    once a batch), and memory: predicted (`predict_training_state` +
     `predict_activation_bytes`) against measured (CPU: `measure_training_state`, the tensors themselves; GPU:
     `torch.cuda.max_memory_allocated` over the training run, which also holds the model, the caches and temporary
     buffers, printed next to the prediction of the step alone).
@@ -111,8 +112,9 @@ def main(argv: list[str]) -> int:
     idx, ridx = list(range(settings.batch_size)), list(range(settings.replay_batch))
     predicted = predict_training_state(peft_model)
     width = int(train_cache.attention_mask[idx].sum(1).max())
+    p = train_cache.prefix_len  # train_guarded runs the tickets' shared prefix once a batch
     acts = finetune.predict_activation_bytes(
-        peft_model, settings.top_k, ticket_tokens=len(idx) * width,
+        peft_model, settings.top_k, ticket_tokens=p + len(idx) * (width - p), prefix_kv_tokens=len(idx) * p,
         answer_tokens=int((train_cache.labels[idx, 1:width] != -100).sum()),
         replay_tokens=len(ridx) * int(replay.attention_mask[ridx].sum(1).max()),
         replay_positions=int(replay.attention_mask[ridx, 1:].sum()))
@@ -122,8 +124,8 @@ def main(argv: list[str]) -> int:
         saved = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
         measured = measure_training_state(
             peft_model, {}, optimizer_factory=finetune.optimizer_factory(settings.device),
-            loss_fn=lambda m, _b: cached_loss(m, train_cache, idx) + settings.kl_weight * finetune.kl_to_base(
-                m, replay, ridx))
+            loss_fn=lambda m, _b: cached_loss(m, train_cache, idx, share_prefix=True)
+            + settings.kl_weight * finetune.kl_to_base(m, replay, ridx))
         with torch.no_grad():
             for n, p in peft_model.named_parameters():
                 if n in saved:
@@ -141,7 +143,8 @@ def main(argv: list[str]) -> int:
     seq_len = int(train_cache.attention_mask.sum(1).float().mean())
     flops = finetune.flops_per_token(peft_model, settings.top_k, seq_len)
     peak = finetune.peak_flops() if settings.device == "cuda" else None
-    mfu = finetune.estimate_mfu(flops["flops"], tokens_per_s, peak)
+    computed_per_s = run["computed_tokens"] / run["seconds"]  # FLOPs are done on these (the prefix once a batch)
+    mfu = finetune.estimate_mfu(flops["flops"], computed_per_s, peak)
 
     replies = finetune.generate_answers(peft_model, tokenizer, splits["test"])
     after = finetune.exact_match(replies, splits["test"])
@@ -151,7 +154,8 @@ def main(argv: list[str]) -> int:
           f"({ppl_after / ppl_before - 1:+.1%})")
     print(f"training: {settings.steps} steps in {run['seconds']:.1f} s, {tokens_per_s:,.0f} tokens/s, "
           f"{trainable:,} trainable parameters")
-    print(f"FLOPs per token {flops['flops']:,}; achieved {flops['flops'] * tokens_per_s / 1e12:.3f} TFLOP/s; MFU "
+    print(f"FLOPs per token {flops['flops']:,}; {computed_per_s:,.0f} token positions computed a second; "
+          f"achieved {flops['flops'] * computed_per_s / 1e12:.3f} TFLOP/s; MFU "
           + (f"{mfu:.2%} of {peak / 1e12:.0f} TFLOP/s (bf16 dense peak)" if mfu is not None else "n/a (no peak)"))
     measured_mb = (step_measured / MB) if step_measured is not None else (peak_stats["peak_bytes"] or 0) / MB
     print(f"memory of one step, predicted: {step_predicted / MB:.1f} MB; measured: {measured_mb:.1f} MB "
