@@ -422,21 +422,33 @@ def greedy_hits(model, cache: HiddenCache, max_new_tokens: int = 6, batch_size: 
     most likely token over the whole vocabulary is, at each of the first `max_new_tokens` label positions, that
     label. Greedy decoding then emits those tokens one by one and stops at end-of-turn."""
     max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
-    batch_size = _positive_int("batch_size", batch_size)
     head = _parts(model)[2]
-    hits: list[bool] = []
+
+    def hits_of(hidden, idx, labels) -> list[bool]:
+        keep = (labels != IGNORE_INDEX) & ((labels != IGNORE_INDEX).cumsum(1) <= max_new_tokens)
+        right = torch.zeros_like(labels, dtype=torch.bool)
+        right[keep] = head(hidden[:, :-1][keep]).argmax(-1) == labels[keep]
+        return (right | ~keep).all(1).tolist()
+
+    return [hit for part in _each_batch(model, cache, batch_size, hits_of) for hit in part]
+
+
+def _each_batch(model, cache: HiddenCache, batch_size: int, fn: Callable) -> list:
+    """`fn(hidden, idx, labels)` for consecutive batches of `cache`, in eval mode and without gradients: `hidden` the
+    top layers' final-norm output (the shared prefix run once a batch), `labels` (B, w - 1) the token each position
+    predicts. Returns what `fn` returned, batch by batch."""
+    batch_size = _positive_int("batch_size", batch_size)
+    out = []
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        for i in range(0, len(cache), batch_size):
-            hidden, idx = _top_hidden(model, cache, range(i, min(i + batch_size, len(cache))), share_prefix=True)
-            labels = cache.labels[idx, 1 : hidden.shape[1]]  # (B, w - 1): the token each position predicts
-            keep = (labels != IGNORE_INDEX) & ((labels != IGNORE_INDEX).cumsum(1) <= max_new_tokens)
-            right = torch.zeros_like(labels, dtype=torch.bool)
-            right[keep] = head(hidden[:, :-1][keep]).argmax(-1) == labels[keep]
-            hits += (right | ~keep).all(1).tolist()
-    model.train(was_training)
-    return hits
+    try:
+        with torch.no_grad():
+            for i in range(0, len(cache), batch_size):
+                hidden, idx = _top_hidden(model, cache, range(i, min(i + batch_size, len(cache))), share_prefix=True)
+                out.append(fn(hidden, idx, cache.labels[idx, 1 : hidden.shape[1]]))
+    finally:
+        model.train(was_training)
+    return out
 
 
 def greedy_replies(model, tokenizer, tickets: Sequence[dict], cache: HiddenCache, system: str | None = SYSTEM,
@@ -643,22 +655,17 @@ def heldout_task(model, cache: HiddenCache, batch_size: int = 64) -> tuple[list[
     """One pass of the top layers over every ticket of `cache`, without gradients: per ticket, does the required
     action's first token score highest of the four (`lorakit.fast.evaluate_cached`), and the mean cross-entropy
     per answer token (`lorakit.fast.cached_loss`)."""
-    batch_size = _positive_int("batch_size", batch_size)
     head = _parts(model)[2]
-    correct, total, count = [], 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(cache), batch_size):
-            hidden, idx = _top_hidden(model, cache, range(i, min(i + batch_size, len(cache))), share_prefix=True)
-            scores = head(hidden[torch.arange(len(idx)), cache.answer_pos[idx]])[:, cache.label_ids]  # (B, 4)
-            correct += (scores.argmax(-1) == cache.targets[idx]).tolist()
-            labels = cache.labels[idx, 1 : hidden.shape[1]]
-            keep = labels != IGNORE_INDEX
-            total += F.cross_entropy(head(hidden[:, :-1][keep]).float(), labels[keep], reduction="sum").item()
-            count += int(keep.sum())
-    model.train(was_training)
-    return correct, total / count
+
+    def score(hidden, idx, labels) -> tuple[list[bool], float, int]:
+        scores = head(hidden[torch.arange(len(idx)), cache.answer_pos[idx]])[:, cache.label_ids]  # (B, 4)
+        keep = labels != IGNORE_INDEX
+        loss = F.cross_entropy(head(hidden[:, :-1][keep]).float(), labels[keep], reduction="sum").item()
+        return (scores.argmax(-1) == cache.targets[idx]).tolist(), loss, int(keep.sum())
+
+    parts = _each_batch(model, cache, batch_size, score)
+    correct = [c for part, _, _ in parts for c in part]
+    return correct, sum(loss for _, loss, _ in parts) / sum(n for _, _, n in parts)
 
 
 def heldout_kl(model, texts: TextCache, batch_size: int = 16) -> float:
