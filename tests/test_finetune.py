@@ -35,6 +35,15 @@ def tiny():
     return model, tokenizer
 
 
+def _perturb_adapters(peft_model, std: float):
+    """Draw every lora_B from N(0, std²), so that a fresh adapter changes the model; returns the model."""
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=std)
+    return peft_model
+
+
 @pytest.fixture(scope="module")
 def data(tiny):
     model, tokenizer = tiny
@@ -97,10 +106,7 @@ def test_kl_guard_is_zero_for_a_fresh_adapter_and_trains_only_the_adapter(tiny, 
     peft_model = finetune.add_adapter(copy.deepcopy(model), _settings())
     kl = finetune.kl_to_base(peft_model, data["replay"], [0, 1, 2])
     assert abs(kl.item()) < 1e-7
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.5)
+    _perturb_adapters(peft_model, std=0.5)
     kl = finetune.kl_to_base(peft_model, data["replay"], [0, 1, 2])
     assert kl.item() > 1e-4
     kl.backward()
@@ -282,11 +288,7 @@ def test_sweep_runs_every_setting_from_the_same_caches(tiny, data):
 
 def test_heldout_task_is_the_cached_accuracy_and_loss(tiny, data):
     model, _ = tiny
-    peft_model = finetune.add_adapter(copy.deepcopy(model), _settings())
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.5)
+    peft_model = _perturb_adapters(finetune.add_adapter(copy.deepcopy(model), _settings()), std=0.5)
     test = data["test"]
     correct, loss = finetune.heldout_task(peft_model, test, batch_size=3)  # batches of 3, 3 and 2
     assert correct == evaluate_cached(peft_model, test)
@@ -301,11 +303,8 @@ def test_cached_task_loss_matches_the_full_model(tiny, data):
     model, tokenizer = tiny
     from lorakit.train import answer_loss, collate
 
-    peft_model = finetune.add_adapter(copy.deepcopy(model), _settings())
+    peft_model = _perturb_adapters(finetune.add_adapter(copy.deepcopy(model), _settings()), std=0.1)
     with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
         full = answer_loss(peft_model, collate(tokenizer, data["splits"]["train"][:4], SYSTEM))
         cached = cached_loss(peft_model, data["train"], [0, 1, 2, 3])
     torch.testing.assert_close(full, cached, rtol=1e-5, atol=1e-5)
