@@ -205,10 +205,13 @@ def cache_hidden_states(
     system: str | None = SYSTEM,
     batch_size: int = 32,
     progress: bool = True,
+    share_prefix: bool = False,
 ) -> HiddenCache:
     """Run the embeddings and the lower `L - top_k` decoder layers once over every ticket (prompt in the chat
     template with `system`, then the answer and end-of-turn) and keep their output for `train_cached`,
-    `cached_loss` and `evaluate_cached`. Call it before adding adapters, or with adapters only in the top layers."""
+    `cached_loss` and `evaluate_cached`. Call it before adding adapters, or with adapters only in the top layers.
+    `share_prefix=True`: the tickets' common prefix goes through the lower layers once a batch, as `cached_loss`
+    does in the top layers (the same hidden states up to float rounding, for fewer token positions)."""
     start = _start(model, top_k)
     batch_size = _positive_int("batch_size", batch_size)
     if not tickets:
@@ -222,6 +225,7 @@ def cache_hidden_states(
     attention_mask = _pad([[1] * len(ids) for ids, _ in pairs], 0, width)  # (N, T)
     answer_pos = torch.tensor([lab.index(next(x for x in lab if x != IGNORE_INDEX)) - 1 for _, lab in pairs])
     targets = torch.tensor([ACTIONS.index(t["answer"]) if t["answer"] in ACTIONS else -1 for t in tickets])
+    prefix = min(_common_prefix([ids for ids, _ in pairs]), int(answer_pos.min()))  # never into the answer
     chunks = []
     was_training = decoder.training
     decoder.eval()
@@ -231,10 +235,13 @@ def cache_hidden_states(
         for i in bar:
             ids, mask = input_ids[i : i + batch_size], attention_mask[i : i + batch_size]
             hidden = decoder.embed_tokens(ids.to(decoder.embed_tokens.weight.device))
-            chunks.append(_run_layers(decoder, hidden, mask.to(hidden.device), decoder.layers[:start]))
+            if share_prefix and prefix > 0 and len(ids) > 1:
+                pre, suf = _run_layers_shared(decoder, hidden, mask.to(hidden.device), decoder.layers[:start], prefix)
+                chunks.append(torch.cat([pre.expand(len(ids), -1, -1), suf], 1))
+            else:
+                chunks.append(_run_layers(decoder, hidden, mask.to(hidden.device), decoder.layers[:start]))
     decoder.train(was_training)
     hidden = torch.cat(chunks)  # (N, T, d)
-    prefix = min(_common_prefix([ids for ids, _ in pairs]), int(answer_pos.min()))  # never into the answer
     return HiddenCache(hidden, attention_mask.to(hidden.device), labels.to(hidden.device),
                        answer_pos.to(hidden.device), targets.to(hidden.device), label_token_ids(tokenizer), start,
                        prefix)
@@ -272,8 +279,10 @@ def cached_loss(model: nn.Module, cache: HiddenCache, idx, share_prefix: bool = 
     return F.cross_entropy(logits.float(), labels[keep])
 
 
-def cached_logits(model: nn.Module, cache: HiddenCache, batch_size: int = 64) -> torch.Tensor:
-    """(N, 4) logits of the four actions' first tokens at each ticket's answer position, without gradients."""
+def cached_logits(model: nn.Module, cache: HiddenCache, batch_size: int = 64, share_prefix: bool = False
+                  ) -> torch.Tensor:
+    """(N, 4) logits of the four actions' first tokens at each ticket's answer position, without gradients.
+    `share_prefix`: as in `cached_loss`."""
     batch_size = _positive_int("batch_size", batch_size)
     head = _parts(model)[2]
     out = []
@@ -281,7 +290,7 @@ def cached_logits(model: nn.Module, cache: HiddenCache, batch_size: int = 64) ->
     model.eval()
     with torch.no_grad():
         for i in range(0, len(cache), batch_size):
-            hidden, idx = _top_hidden(model, cache, range(i, min(i + batch_size, len(cache))))
+            hidden, idx = _top_hidden(model, cache, range(i, min(i + batch_size, len(cache))), share_prefix)
             at_answer = hidden[torch.arange(len(idx)), cache.answer_pos[idx]]  # (B, d)
             out.append(head(at_answer)[:, cache.label_ids].float())  # (B, 4)
     model.train(was_training)
