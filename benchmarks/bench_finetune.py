@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
     ppl_before = perplexity(model, tokenizer, eval_texts)
     print(f"before: task accuracy {format_accuracy(before)}, regression perplexity {ppl_before:.2f}", flush=True)
 
-    train_cache = cache_hidden_states(model, tokenizer, splits["train"], top_k=settings.top_k)
+    train_cache = cache_hidden_states(model, tokenizer, splits["train"], top_k=settings.top_k, share_prefix=True)
     replay = finetune.cache_texts(model, tokenizer, replay_texts, top_k=settings.top_k, max_length=settings.max_length)
     peft_model = finetune.add_adapter(model, settings)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

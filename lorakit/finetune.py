@@ -69,6 +69,7 @@ __all__ = [
     "sweep",
     "heldout_task",
     "heldout_kl",
+    "cached_perplexity",
     "format_sweep",
 ]
 
@@ -94,11 +95,11 @@ class Settings:
     dropout: float = 0.0
     targets: str | list[str] = "all-linear"
     top_k: int = 10
-    steps: int = 60
+    steps: int = 120
     batch_size: int = 16
     lr: float = 1e-3
     kl_weight: float = 1.0
-    replay_batch: int = 4
+    replay_batch: int = 2
     max_length: int = 64
     n_train: int = 480
     n_test: int = 200
@@ -307,7 +308,7 @@ def train_guarded(
     steps: int,
     replay: TextCache | None = None,
     kl_weight: float = 1.0,
-    replay_batch: int = 4,
+    replay_batch: int = 2,
     batch_size: int = 16,
     lr: float = 1e-3,
     seed: int = 0,
@@ -668,19 +669,54 @@ def heldout_task(model, cache: HiddenCache, batch_size: int = 64) -> tuple[list[
     return correct, sum(loss for _, loss, _ in parts) / sum(n for _, _, n in parts)
 
 
+def _text_batches(texts: TextCache, batch_size: int, max_tokens: int = 1024) -> list[list[int]]:
+    """Consecutive rows of `texts` in batches of at most `batch_size` rows and, where a batch has more than one row,
+    at most `max_tokens` positions once padded to its longest row: one long text does not pad a whole batch."""
+    batch_size = _positive_int("batch_size", batch_size)
+    batches: list[list[int]] = []
+    width = 0
+    for i, n in enumerate(texts.attention_mask.sum(1).tolist()):
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * max(width, n) <= max_tokens:
+            batches[-1].append(i)
+            width = max(width, n)
+        else:
+            batches.append([i])
+            width = n
+    return batches
+
+
 def heldout_kl(model, texts: TextCache, batch_size: int = 16) -> float:
     """Mean KL(base ‖ adapted) per predicted position over every text of `texts`, without gradients."""
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            idx = list(range(i, min(i + batch_size, len(texts))))
+        for idx in _text_batches(texts, batch_size):
             n = texts.tokens(idx) - len(idx)  # every real position but each text's last predicts a token
             total += kl_to_base(model, texts, idx).item() * n
             count += n
     model.train(was_training)
     return total / count
+
+
+def cached_perplexity(model, texts: TextCache, batch_size: int = 8) -> float:
+    """`lorakit.fast.perplexity` of the texts in `texts`, running only the top layers from the cache: exp(mean negative
+    log-likelihood per predicted token). The same number up to float rounding when `texts` was cached at the same
+    `max_length` (256 in `perplexity`) and the adapters sit only in the top layers. Cheaper: the lower layers ran
+    once, the output head runs at real positions only, and a long text does not pad a whole batch (`_text_batches`)."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for idx in _text_batches(texts, batch_size):
+            logprobs = _text_logprobs(model, texts, idx)  # (n_positions, V), row by row, position by position
+            mask = texts.attention_mask[idx]
+            width = int(mask.sum(1).max())
+            nxt = texts.input_ids[idx, 1:width][mask[:, 1:width].bool()]  # the same positions, in the same order
+            total -= logprobs.gather(1, nxt[:, None]).sum().item()
+            count += len(nxt)
+    model.train(was_training)
+    return math.exp(total / count)
 
 
 def format_sweep(rows: Sequence[dict]) -> str:

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lorakit import finetune
 from lorakit.data import SYSTEM, task_splits
-from lorakit.fast import cache_hidden_states, cached_loss, evaluate_cached
+from lorakit.fast import cache_hidden_states, cached_loss, evaluate_cached, perplexity
 from lorakit.memory import measure_training_state, predict_training_state
 from lorakit.models import prepare_smollm2
 
@@ -99,6 +99,27 @@ def test_replay_cache_equals_the_full_forward(tiny, data):
             full = model(input_ids=ids, output_hidden_states=True).hidden_states[model.config.num_hidden_layers - TOP_K]
         torch.testing.assert_close(replay.hidden[row, :n], full[0], rtol=1e-5, atol=1e-5)
         assert (replay.input_ids[row, n:] == -100).all()
+
+
+def test_cached_perplexity_is_the_full_models(tiny, data):
+    model, tokenizer = tiny
+    peft_model = _perturb_adapters(finetune.add_adapter(copy.deepcopy(model), _settings()), std=0.5)
+    texts = finetune.cache_texts(model, tokenizer, data["texts"], top_k=TOP_K, max_length=256, progress=False)
+    for m in (model, peft_model):  # the base, and an adapter that changes the top layers
+        full = perplexity(m, tokenizer, data["texts"])  # cut at 256 tokens too; "Ok" predicts nothing either way
+        for batch_size in (1, 3):  # batches of different widths: the padding is never scored
+            assert math.isclose(finetune.cached_perplexity(m, texts, batch_size=batch_size), full, rel_tol=1e-5)
+    moved = perplexity(peft_model, tokenizer, data["texts"]) / perplexity(model, tokenizer, data["texts"])
+    assert abs(moved - 1) > 1e-3, "the adapter must move the number for the check above to mean anything"
+    with pytest.raises(ValueError, match="batch_size"):
+        finetune.cached_perplexity(model, texts, batch_size=0)
+    lengths = texts.attention_mask.sum(1).tolist()
+    for size, budget in [(3, 1024), (16, 2 * max(lengths)), (2, 1)]:
+        batches = finetune._text_batches(texts, size, max_tokens=budget)
+        assert [i for b in batches for i in b] == list(range(len(texts))), "every row once, in order"
+        for b in batches:
+            assert len(b) <= size and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget), (b, budget)
+    assert len(finetune._text_batches(texts, 2, max_tokens=1)) == len(texts), "a row too long for the budget: alone"
 
 
 def test_kl_guard_is_zero_for_a_fresh_adapter_and_trains_only_the_adapter(tiny, data):
