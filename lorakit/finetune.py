@@ -234,13 +234,16 @@ def cache_texts(model: nn.Module, tokenizer, texts: Sequence[str], top_k: int, m
     was_training = decoder.training
     decoder.eval()
     with torch.no_grad():
-        bar = tqdm(range(0, len(rows), batch_size), desc=f"caching replay text, layers 0-{start - 1}",
+        # batches of `batch_size` rows, fewer where the texts are long (at most batch_size x 64 positions)
+        batches = _text_batches([len(r) for r in rows], batch_size, max_tokens=batch_size * 64)
+        bar = tqdm(batches, desc=f"caching replay text, layers 0-{start - 1}",
                    **({} if progress else {"disable": True}))
-        for i in bar:
-            w = len(rows[min(i + batch_size, len(rows)) - 1])  # this batch's longest row (rows are sorted)
-            part = ids[i : i + batch_size, :w].clamp(min=0).to(device)
+        for idx in bar:
+            i, j = idx[0], idx[-1] + 1
+            w = len(rows[j - 1])  # this batch's longest row (rows are sorted)
+            part = ids[i:j, :w].clamp(min=0).to(device)
             hidden = decoder.embed_tokens(part)
-            hidden = _run_layers(decoder, hidden, mask[i : i + batch_size, :w].to(device), decoder.layers[:start])
+            hidden = _run_layers(decoder, hidden, mask[i:j, :w].to(device), decoder.layers[:start])
             chunks.append(F.pad(hidden, (0, 0, 0, width - w)))  # zeros on the padding, which nothing reads
     decoder.train(was_training)
     return TextCache(torch.cat(chunks), mask.to(device), ids.to(device), start)
@@ -669,13 +672,15 @@ def heldout_task(model, cache: HiddenCache, batch_size: int = 64) -> tuple[list[
     return correct, sum(loss for _, loss, _ in parts) / sum(n for _, _, n in parts)
 
 
-def _text_batches(texts: TextCache, batch_size: int, max_tokens: int = 1024) -> list[list[int]]:
-    """Consecutive rows of `texts` in batches of at most `batch_size` rows and, where a batch has more than one row,
-    at most `max_tokens` positions once padded to its longest row: one long text does not pad a whole batch."""
+def _text_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Consecutive rows (of these token lengths) in batches of at most `batch_size` rows and, where a batch has more
+    than one row, at most `max_tokens` positions once padded to its longest row: one long text does not pad a whole
+    batch. For rows sorted by length (as `cache_texts` keeps them) this is batches of `batch_size` until the texts
+    get long."""
     batch_size = _positive_int("batch_size", batch_size)
     batches: list[list[int]] = []
     width = 0
-    for i, n in enumerate(texts.attention_mask.sum(1).tolist()):
+    for i, n in enumerate(lengths):
         if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * max(width, n) <= max_tokens:
             batches[-1].append(i)
             width = max(width, n)
@@ -691,7 +696,7 @@ def heldout_kl(model, texts: TextCache, batch_size: int = 16) -> float:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for idx in _text_batches(texts, batch_size):
+        for idx in _text_batches(texts.attention_mask.sum(1).tolist(), batch_size, max_tokens=1024):
             n = texts.tokens(idx) - len(idx)  # every real position but each text's last predicts a token
             total += kl_to_base(model, texts, idx).item() * n
             count += n
@@ -708,7 +713,7 @@ def cached_perplexity(model, texts: TextCache, batch_size: int = 8) -> float:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for idx in _text_batches(texts, batch_size):
+        for idx in _text_batches(texts.attention_mask.sum(1).tolist(), batch_size, max_tokens=1024):
             logprobs = _text_logprobs(model, texts, idx)  # (n_positions, V), row by row, position by position
             mask = texts.attention_mask[idx]
             width = int(mask.sum(1).max())

@@ -115,11 +115,12 @@ def test_cached_perplexity_is_the_full_models(tiny, data):
         finetune.cached_perplexity(model, texts, batch_size=0)
     lengths = texts.attention_mask.sum(1).tolist()
     for size, budget in [(3, 1024), (16, 2 * max(lengths)), (2, 1)]:
-        batches = finetune._text_batches(texts, size, max_tokens=budget)
+        batches = finetune._text_batches(lengths, size, max_tokens=budget)
         assert [i for b in batches for i in b] == list(range(len(texts))), "every row once, in order"
         for b in batches:
             assert len(b) <= size and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget), (b, budget)
-    assert len(finetune._text_batches(texts, 2, max_tokens=1)) == len(texts), "a row too long for the budget: alone"
+    assert len(finetune._text_batches(lengths, 2, max_tokens=1)) == len(texts), "a row too long for the budget: alone"
+    assert finetune._text_batches([3, 4, 40], 8, max_tokens=64) == [[0, 1], [2]], "the long text alone"
 
 
 def test_kl_guard_is_zero_for_a_fresh_adapter_and_trains_only_the_adapter(tiny, data):
