@@ -6,8 +6,8 @@ The pieces, each small:
 * `Settings`, `pick_device`, `load_base`, `add_adapter`: one settings object; CPU (float32, AdamW) or CUDA (bf16,
   paged AdamW) chosen automatically; the base model (SmolLM2 offline by default, any local path or hub id
   otherwise), 4-bit NF4 with double quantization for QLoRA; peft adapters in the top `top_k` decoder layers.
-* `cache_texts`: the lower, frozen layers run once over general text (the *replay* set), as
-  `lorakit.fast.cache_hidden_states` does for tickets.
+* `cache_texts`: the lower, frozen layers run once over general text (the *replay* set, and the regression texts
+  that `cached_perplexity` scores from the top layers alone), as `lorakit.fast.cache_hidden_states` does for tickets.
 * `train_guarded`: AdamW on the task loss plus `kl_weight` times the KL divergence from the base model's
   next-token distribution on a few replay texts per step (the base is the same model with its adapter disabled,
   so it costs no second copy). `kl_weight=0` is plain LoRA.
