@@ -7,7 +7,9 @@ What it measures
        of float32 input (4 bytes per weight). The packed bytes and absmax are checked equal first.
     2. NF4 dequantization throughput: `dequantize_nf4` against `bitsandbytes.functional.dequantize_4bit`
        (its C kernel), in GB/s of float32 output; results checked equal first (every shape here has rows a
-       multiple of 64, where bitsandbytes' 2-D CPU dequantization is right).
+       multiple of 64, where bitsandbytes' 2-D CPU dequantization is right). `dequantize_nf4` runs
+       lorakit.native's C kernel when it builds here (the report's first lines say which path ran); its
+       pure-torch path (`native=False`, the reference the kernel is tested against) is timed beside it.
     3. One QLoRA training step of a single layer: forward, then backward with a fixed output gradient, input
        8 x 128 tokens that requires grad, r=16, alpha=32, NF4 blocksize 64 with double quantization, float32
        compute. lorakit's `QLoRALinear.from_linear` against peft's LoRA on a `bitsandbytes.nn.Linear4bit`
@@ -54,6 +56,7 @@ for path in (ROOT, HERE):  # standalone script: the repository's lorakit, and be
 
 # isort: off
 from lorakit.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402  (first: lorakit quiets bitsandbytes' logger)
+from lorakit import native  # noqa: E402
 from lorakit.qlora import QLoRALinear  # noqa: E402
 import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnbF  # noqa: E402
@@ -98,6 +101,7 @@ def bench_quant(shape, warmup, reps, budget) -> tuple[dict, dict]:
     packed, state = bnbF.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4")
     assert torch.equal(q.data, packed.view(-1)) and torch.equal(q.absmax, state.absmax)
     assert torch.equal(dequantize_nf4(q), bnbF.dequantize_4bit(packed, state))
+    assert torch.equal(dequantize_nf4(q, native=False), bnbF.dequantize_4bit(packed, state))
     quant = interleaved(
         {
             "lorakit": lambda: quantize_nf4(w, BLOCKSIZE),
@@ -108,7 +112,11 @@ def bench_quant(shape, warmup, reps, budget) -> tuple[dict, dict]:
         budget,
     )
     dequant = interleaved(
-        {"lorakit": lambda: dequantize_nf4(q), "bnb": lambda: bnbF.dequantize_4bit(packed, state)},
+        {
+            "lorakit": lambda: dequantize_nf4(q),
+            "torch": lambda: dequantize_nf4(q, native=False),
+            "bnb": lambda: bnbF.dequantize_4bit(packed, state),
+        },
         warmup,
         reps,
         budget,
@@ -207,6 +215,7 @@ def run(args, reps, warmup) -> None:
         f"torch threads: {torch.get_num_threads()}; NF4 blocksize {BLOCKSIZE}; {warmup} warm-up, median of "
         f"{how_many} interleaved repetitions"
     )
+    print(f"lorakit dequantize_nf4 on this CPU: {native.status()}")
     busy = busy_cores()
     if busy is not None:
         print(f"CPU cores busy with other work before the run: {busy:.2f} of {os.cpu_count()}")
@@ -229,8 +238,9 @@ def run(args, reps, warmup) -> None:
             ratio = theirs / ours  # throughput ratio lorakit / bitsandbytes
             lo_t, hi_t = ratio_ci(times["lorakit"], times["bnb"])  # interval of the time ratio
             lo, hi = 1 / hi_t, 1 / lo_t
+            pure = f" {gbytes / statistics.median(times['torch']):.2f} |" if "torch" in times else ""
             rows.append(
-                f"| {name} | {gbytes / ours:.2f} | {gbytes / theirs:.2f} | {ratio:.2f} | {lo:.2f}-{hi:.2f} "
+                f"| {name} | {gbytes / ours:.2f} |{pure} {gbytes / theirs:.2f} | {ratio:.2f} | {lo:.2f}-{hi:.2f} "
                 f"| {len(times['lorakit'])} |"
             )
             if ratio < GOAL:
@@ -241,8 +251,9 @@ def run(args, reps, warmup) -> None:
     rule = "|---|---:|---:|---:|---:|---:|"
     print("NF4 quantize, GB/s of float32 input")
     print("\n".join([head, rule, *quant_rows]))
-    print("\nNF4 dequantize, GB/s of float32 output")
-    print("\n".join([head, rule, *dequant_rows]))
+    print("\nNF4 dequantize, GB/s of float32 output (pure torch: `dequantize_nf4(q, native=False)`, for reference)")
+    head = head.replace("| lorakit GB/s |", "| lorakit GB/s | pure torch GB/s |")
+    print("\n".join([head, rule + "---:|", *dequant_rows]))
     if missed:
         print(f"\nGoal throughput ratio >= {GOAL} NOT met on: {', '.join(missed)}")
     else:

@@ -25,7 +25,10 @@ mean is subtracted, and the centred values are quantized blockwise (blocks of 25
 the constants cost 32/64 = 0.5 bits without it and 8/64 + 32/(64*256) = 0.127 bits with it; the
 `NF4Tensor` properties compute both from the tensors actually stored.
 
-The module imports only torch: bitsandbytes is the oracle the tests compare against, never a dependency.
+The module needs only torch: bitsandbytes is the oracle the tests compare against, never a dependency. On
+the CPU, `dequantize_nf4` runs the same arithmetic through a small C kernel when one can be built here
+(`lorakit.native`: one pass instead of torch's three, bit for bit the same result); the pure-torch path
+below is the reference, and what runs without a C compiler, off the CPU, or with `native=False`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
+
+from lorakit import native as _native
 
 __all__ = [
     "NF4_CODE",
@@ -369,14 +374,31 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
 _DEQUANT_CHUNK_BYTES = 1024 * 1024
 
 
-def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, native: bool | None = None) -> torch.Tensor:
     """The tensor `q` stands for: each code's level times its block's absmax, in `q.shape`.
 
     Computed in float32 and cast once to `dtype` (default: the dtype that was quantized), as bitsandbytes does.
+    On the CPU this runs `lorakit.native`'s C kernel when it is available (`native=None`, the default): the
+    same products in one pass, bit for bit the pure-torch result. `native=False` takes the pure-torch path
+    below; `native=True` requires the kernel (RuntimeError without it).
     """
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"dequantize_nf4 expects an NF4Tensor, but got {type(q).__name__}")
     dtype = q.dtype if dtype is None else dtype
+    n, bs, data = q.numel, q.blocksize, q.data
+    if data.numel() != -(-n // 2):
+        raise ValueError(f"an NF4Tensor of {n} values should hold {-(-n // 2)} packed bytes, not {data.numel()}")
+    if native is None:
+        native = data.is_cpu and bs % 2 == 0 and _native.library() is not None
+    if not native:
+        return _dequantize_torch(q).view(q.shape).to(dtype)
+    out = torch.empty(q.shape, dtype=torch.float32)
+    _native.dequantize_into(data.contiguous(), q.absmax_float().contiguous(), NF4_CODE, out, bs)
+    return out.to(dtype)
+
+
+def _dequantize_torch(q: NF4Tensor) -> torch.Tensor:
+    """`dequantize_nf4` in pure torch: flat float32 values, on `q`'s device."""
     n, bs, data = q.numel, q.blocksize, q.data
     nbytes = data.numel()
     _, _, _, byte_pairs = _nf4_tables(data.device)
@@ -396,5 +418,4 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     for chunk_bytes, chunk_pairs, chunk_blocks, chunk_scale in chunks:
         torch.index_select(byte_pairs, 0, chunk_bytes.to(torch.int32), out=chunk_pairs)
         chunk_blocks.mul_(chunk_scale)
-    out = values[:n] if values.numel() > n else values
-    return out.view(q.shape).to(dtype)
+    return values[:n] if values.numel() > n else values
