@@ -179,3 +179,7 @@ def dequantize_into(
         raise ValueError(f"this CPU does not run the {isa!r} kernel (it runs {supported_isas()})")
     if rc != 0:
         raise ValueError(f"the NF4 C kernel refused n={n}, blocksize={blocksize} (code {rc})")
+
+
+if __name__ == "__main__":  # `python -m lorakit.native`: build the kernel now and say which path runs
+    print(status())
