@@ -388,21 +388,22 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, native: bool 
     n, bs, data = q.numel, q.blocksize, q.data
     if data.numel() != -(-n // 2):
         raise ValueError(f"an NF4Tensor of {n} values should hold {-(-n // 2)} packed bytes, not {data.numel()}")
-    if native is None:
-        native = data.is_cpu and bs % 2 == 0 and _native.library() is not None
+    absmax = q.absmax_float()
+    if native is None:  # the kernel takes exactly what quantize_nf4 stores: uint8 codes, float32 absmax
+        native = data.is_cpu and data.dtype == torch.uint8 and absmax.dtype == torch.float32 and bs % 2 == 0
+        native = native and _native.library() is not None
     if not native:
-        return _dequantize_torch(q).view(q.shape).to(dtype)
+        return _dequantize_torch(q, absmax).view(q.shape).to(dtype)
     out = torch.empty(q.shape, dtype=torch.float32)
-    _native.dequantize_into(data.contiguous(), q.absmax_float().contiguous(), NF4_CODE, out, bs)
+    _native.dequantize_into(data.contiguous(), absmax.contiguous(), NF4_CODE, out, bs)
     return out.to(dtype)
 
 
-def _dequantize_torch(q: NF4Tensor) -> torch.Tensor:
-    """`dequantize_nf4` in pure torch: flat float32 values, on `q`'s device."""
+def _dequantize_torch(q: NF4Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """`dequantize_nf4` in pure torch (`absmax` = `q.absmax_float()`): flat float32 values, on `q`'s device."""
     n, bs, data = q.numel, q.blocksize, q.data
     nbytes = data.numel()
     _, _, _, byte_pairs = _nf4_tables(data.device)
-    absmax = q.absmax_float()
     nblocks = absmax.numel()
     # Room for whole blocks, so that one broadcast multiplication scales every block, the ragged last one
     # too: its positions past the last byte's two levels are left unset (scaled for nothing, never returned).

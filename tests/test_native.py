@@ -184,3 +184,12 @@ def test_the_source_ships_in_the_wheel(tmp_path):
     )
     (wheel,) = (tmp_path / "dist").glob("lorakit-*.whl")
     assert "lorakit/nf4_kernel.c" in zipfile.ZipFile(wheel).namelist()
+
+
+def test_constants_the_kernel_does_not_take_stay_on_the_torch_path():
+    q = quantize_nf4(torch.randn(6, 64))
+    wide = NF4Tensor(q.data, q.absmax.double(), 64, q.shape, q.dtype)  # float64 absmax, as a user might build
+    assert torch.equal(dequantize_nf4(wide), dequantize_nf4(wide, native=False))
+    if HAVE_CC:
+        with pytest.raises(ValueError, match="`absmax` should be a contiguous torch.float32"):
+            dequantize_nf4(wide, native=True)

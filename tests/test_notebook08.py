@@ -185,8 +185,20 @@ REFERENCE = {
     "    return q.absmax[0].item(), codes.long()\n",
     "dequantize": "def dequantize(q):\n    return dequantize_nf4(q)\n",
 }
+# The pure-torch path behind dequantize_nf4, and lorakit.native's C kernel, are switched off too.
+REFERENCE_PARTS = {
+    "torch path": "def dequantize(q):\n    from lorakit.nf4 import _dequantize_torch\n"
+    "    return _dequantize_torch(q, q.absmax_float()).view(q.shape)\n",
+    "C kernel": "def dequantize(q):\n    import lorakit.native\n    out = torch.empty(q.shape)\n"
+    "    lorakit.native.dequantize_into(q.data, q.absmax_float(), NF4_CODE, out, q.blocksize)\n    return out\n",
+}
 
 
 @pytest.mark.parametrize("answer_id", list(REFERENCE))
 def test_lorakit_reference_is_not_an_answer(answer_id):
     reference_refused(run_exercise, answer_id, REFERENCE[answer_id])
+
+
+@pytest.mark.parametrize("label", list(REFERENCE_PARTS))
+def test_the_references_parts_are_not_an_answer(label):
+    reference_refused(run_exercise, "dequantize", REFERENCE_PARTS[label])
