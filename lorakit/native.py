@@ -42,6 +42,20 @@ def _compiler() -> str | None:
     return None
 
 
+def _private_temp_dir() -> Path:
+    """A folder in the temporary directory that only this user can write, so nobody else can plant a library there."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    folder = Path(tempfile.gettempdir()) / f"lorakit-native-{uid}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+        if folder.is_dir() and not folder.is_symlink() and info.st_uid == uid and not info.st_mode & 0o022:
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="lorakit-native-"))  # someone else's folder: a fresh one, built anew
+
+
 def _build_dir() -> Path:
     from lorakit.models import cache_dir
 
@@ -51,28 +65,34 @@ def _build_dir() -> Path:
         probe = tempfile.NamedTemporaryFile(dir=folder, delete=True)
         probe.close()
         return folder
-    except OSError:  # a read-only checkout or cache: build where this user can write
-        folder = Path(tempfile.gettempdir()) / f"lorakit-native-{os.getuid() if hasattr(os, 'getuid') else 0}"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+    except OSError:  # a read-only checkout or cache: build where only this user can write
+        return _private_temp_dir()
 
 
-def _build(cc: str, flags: list[str]) -> Path:
-    """The compiled library for these flags, built now unless an identical build is cached."""
+def _build(cc: str, flags: list[str], rebuild: bool = False) -> Path:
+    """The compiled library for these flags, built now unless an identical build is cached (or `rebuild`)."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), platform.machine().encode()]))
     target = _build_dir() / f"nf4_kernel-{key.hexdigest()[:16]}.so"
-    if target.is_file():
+    if target.is_file() and not rebuild:
         return target
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:  # build beside the target, then rename: processes building at once never see half a file
         subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=BUILD_TIMEOUT_S)
+        os.chmod(tmp, 0o755)  # readable by others sharing a LORAKIT_CACHE (mkstemp makes it private)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _load(cc: str, flags: list[str]) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(str(_build(cc, flags)))
+    except OSError:  # a cached file that does not load (truncated, or from another machine): build it again
+        return ctypes.CDLL(str(_build(cc, flags, rebuild=True)))
 
 
 @cache
@@ -89,7 +109,7 @@ def library() -> ctypes.CDLL | None:
     errors = []
     for flags in FLAG_SETS:
         try:
-            lib = ctypes.CDLL(str(_build(cc, flags)))
+            lib = _load(cc, flags)
         except subprocess.CalledProcessError as e:
             errors.append(f"`{cc} {' '.join(flags)}` failed: {e.stderr.decode(errors='replace').strip()[:300]}")
             continue
@@ -129,6 +149,7 @@ def status() -> str:
 # Below this many values a second thread costs more than it saves (one 2-core Xeon, blocksize 64:
 # 32,768 values took 5.6 us on one thread and 6.2 us on two; 65,536: 9.5 and 8.3 us; 131,072: 16.2 and 12.8 us).
 PARALLEL_MIN_VALUES = 65536
+MAX_BLOCKSIZE = 2**62
 
 
 def dequantize_into(
@@ -152,8 +173,8 @@ def dequantize_into(
     if lib is None:
         raise RuntimeError(f"the NF4 C kernel is not available: {_why_not}")
     n = out.numel()
-    if blocksize < 2 or blocksize % 2:
-        raise ValueError(f"`blocksize` should be a positive even integer, got {blocksize}")
+    if not 2 <= blocksize <= MAX_BLOCKSIZE or blocksize % 2:  # the C code takes it as a 64-bit integer
+        raise ValueError(f"`blocksize` should be a positive even integer up to 2**62, got {blocksize}")
     for name, t, dtype, need in (
         ("data", data, torch.uint8, -(-n // 2)),
         ("absmax", absmax, torch.float32, -(-n // blocksize)),

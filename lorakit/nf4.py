@@ -390,7 +390,8 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, native: bool 
         raise ValueError(f"an NF4Tensor of {n} values should hold {-(-n // 2)} packed bytes, not {data.numel()}")
     absmax = q.absmax_float()
     if native is None:  # the kernel takes exactly what quantize_nf4 stores: uint8 codes, float32 absmax
-        native = data.is_cpu and data.dtype == torch.uint8 and absmax.dtype == torch.float32 and bs % 2 == 0
+        native = data.is_cpu and data.dtype == torch.uint8 and absmax.dtype == torch.float32
+        native = native and bs % 2 == 0 and bs <= _native.MAX_BLOCKSIZE
         native = native and _native.library() is not None
     if not native:
         return _dequantize_torch(q, absmax).view(q.shape).to(dtype)

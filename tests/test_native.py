@@ -1,6 +1,7 @@
 """lorakit.native: the NF4 dequantization C kernel equals the pure-torch path bit for bit, in every version
 this CPU runs, and lorakit falls back to pure torch, silently and with a reason, when it cannot be built."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -193,3 +194,68 @@ def test_constants_the_kernel_does_not_take_stay_on_the_torch_path():
     if HAVE_CC:
         with pytest.raises(ValueError, match="`absmax` should be a contiguous torch.float32"):
             dequantize_nf4(wide, native=True)
+
+
+@needs_kernel
+def test_the_default_path_runs_the_kernel(monkeypatch):
+    calls = []
+    real = native.dequantize_into
+    monkeypatch.setattr(native, "dequantize_into", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q = quantize_nf4(torch.randn(8, 64))
+    dequantize_nf4(q)
+    assert calls == [1]
+    dequantize_nf4(q, native=False)
+    assert calls == [1]
+
+
+@needs_kernel
+def test_a_blocksize_past_64_bits_never_reaches_the_kernel():
+    # 2**64 + 2 would arrive in C as 2 (ctypes keeps it mod 2**64) and read 32 absmax values from a tensor of one
+    q = quantize_nf4(torch.randn(64))
+    wrapped = NF4Tensor(q.data, q.absmax[:1], 2**64 + 2, q.shape, q.dtype)
+    with pytest.raises(ValueError, match="positive even integer up to 2\\*\\*62"):
+        native.dequantize_into(wrapped.data, wrapped.absmax, NF4_CODE, torch.empty(64), 2**64 + 2)
+    with pytest.raises(TypeError, match="Overflow"):  # the default path leaves it to torch, which refuses it
+        dequantize_nf4(wrapped)
+
+
+@needs_kernel
+def test_the_c_function_refuses_an_isa_beyond_the_cpu_and_bad_sizes():
+    f = native.library().lorakit_nf4_dequantize
+    q = quantize_nf4(torch.randn(64))
+    out = torch.zeros(64)
+    ptrs = (q.data.data_ptr(), q.absmax.data_ptr(), NF4_CODE.data_ptr(), out.data_ptr())
+    best = native.ISAS.index(native.best_isa())
+    assert f(*ptrs, 64, 64, best + 1, 1) == -1
+    assert f(*ptrs, 64, 63, best, 1) == -2 and f(*ptrs, 0, 64, best, 1) == -2
+    assert not out.any()  # nothing written on a refusal
+    assert f(*ptrs, 64, 64, best, 1) == 0 and torch.equal(out, dequantize_nf4(q, native=False))
+
+
+@needs_kernel
+def test_a_changed_source_is_a_new_build_and_a_broken_file_is_rebuilt(fresh_library, tmp_path):
+    fresh_library.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    cc, flags = native._compiler(), native.FLAG_SETS[-1]
+    first = native._build(cc, flags)
+    changed = tmp_path / "nf4_kernel.c"
+    changed.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
+    fresh_library.setattr(native, "SOURCE", changed)
+    assert native._build(cc, flags) != first
+    fresh_library.undo()
+    fresh_library.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    first.write_bytes(b"")  # a cached file that does not load
+    lib = native._load(cc, flags)
+    assert lib.lorakit_nf4_best_isa() in range(len(native.ISAS)) and first.stat().st_size > 0
+
+
+def test_an_unwritable_cache_builds_in_a_private_folder(fresh_library, tmp_path):
+    fresh_library.setenv("LORAKIT_CACHE", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("not a folder")
+    fresh_library.setenv("TMPDIR", str(tmp_path))
+    fresh_library.setattr(native.tempfile, "tempdir", None)  # re-read TMPDIR
+    uid = os.getuid()
+    mine = native._build_dir()
+    assert mine == tmp_path / f"lorakit-native-{uid}" and mine.stat().st_mode & 0o777 == 0o700
+    mine.chmod(0o777)  # a folder others can write (or that someone else made first) is not used
+    other = native._build_dir()
+    assert other != mine and other.parent == tmp_path and other.stat().st_mode & 0o777 == 0o700
