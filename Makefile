@@ -18,7 +18,7 @@ export MPLCONFIGDIR ?= $(CURDIR)/.jupyter/matplotlib
 
 NBVAL := --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider
 
-.PHONY: setup lab test lint unit nbval-solutions nbval-students notebooks outputs bench bench-nf4 bench-peft-family bench-finetune \
+.PHONY: setup lab test lint unit nbval-solutions nbval-students notebooks outputs bench bench-nf4 bench-peft-family bench-finetune gpu-bundle \
 	clean-grading check student-bundle collect autograde feedback grades grade-hostile
 
 setup: $(VENV)/.installed $(MODEL)
@@ -83,6 +83,11 @@ bench-peft-family: setup
 # Notebook 11's guarded fine-tune, headless (about 5 minutes on 2 idle cores; on a GPU see the script's docstring).
 bench-finetune: setup
 	$(BIN)/python benchmarks/bench_finetune.py --out benchmarks/results/bench_finetune.json
+
+# The GPU measurement in one folder for a CUDA machine with no network (benchmarks/gpu_bundle.py), and the weights
+# in two halves beside it; then `python3 gpu-bundle/bench_gpu.py` there (README: "On a GPU").
+gpu-bundle: setup
+	$(BIN)/python benchmarks/gpu_bundle.py
 
 clean-grading:
 	rm -rf submitted autograded feedback gradebook.db .nbgrader.log

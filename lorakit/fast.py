@@ -21,10 +21,12 @@ use a cache: train those with `lorakit.train.train` and score them with `accurac
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -119,12 +121,38 @@ class HiddenCache:
     label_ids: list[int]
     start: int
     prefix_len: int = 0  # leading tokens every row shares (the chat template's system turn): see `share_prefix`
+    _lengths: list[int] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
+    def lengths(self) -> list[int]:
+        """Real tokens of each row, as a Python list read from the device once: a training step on a GPU then
+        chooses its batch's width without waiting for the GPU."""
+        if self._lengths is None:
+            self._lengths = self.attention_mask.sum(1).tolist()
+        return self._lengths
+
+    def width(self, idx) -> int:
+        """The longest row among `idx` (right padding: columns past it are padding in every one of these rows)."""
+        lengths = self.lengths()
+        return max(lengths[int(i)] for i in idx)
+
     def nbytes(self) -> int:
         return self.hidden.element_size() * self.hidden.numel()
+
+
+@functools.cache
+def _cache_keyword(layer_type: type) -> str:
+    """The keyword under which a decoder layer takes its key/value cache: `cache` from transformers 5.24 on,
+    `past_key_values` before (5.17 on GPU images, say). Read from the layer's own signature, so the shared prefix
+    reaches the attention whichever version is installed, instead of being dropped silently."""
+    params = inspect.signature(layer_type.forward).parameters  # follows a deprecation wrapper to the real one
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(f"{layer_type.__name__}.forward takes neither `cache` nor `past_key_values`: this transformers "
+                    "version is not supported by lorakit.fast (tested with 5.17 and 5.24)")
 
 
 def _run_layers(decoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, layers) -> torch.Tensor:
@@ -133,8 +161,8 @@ def _run_layers(decoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.
     from transformers.masking_utils import create_causal_mask
 
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, T)
-    mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                              cache=None, position_ids=position_ids)
+    # the cache argument is positional: transformers 5.24 names it `cache`, earlier 5.x `past_key_values`
+    mask = create_causal_mask(decoder.config, hidden, attention_mask, None, position_ids=position_ids)
     position_embeddings = decoder.rotary_emb(hidden, position_ids=position_ids)
     for layer in layers:
         hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
@@ -177,8 +205,11 @@ def _run_layers_shared(decoder: nn.Module, hidden: torch.Tensor, attention_mask:
     mask_suf = torch.cat([own.new_ones(b, s, prefix), own], -1)[:, None]  # (B, 1, s, prefix + s): True = attend
     kv = _SharedPrefix()
     for layer in layers:  # layer by layer: each suffix pass needs that layer's prefix keys and values
-        pre = layer(pre, attention_mask=mask_pre, position_ids=pos_pre, position_embeddings=pe_pre, cache=kv)
-        suf = layer(suf, attention_mask=mask_suf, position_ids=pos_suf, position_embeddings=pe_suf, cache=kv)
+        cache = {_cache_keyword(type(layer)): kv}
+        pre = layer(pre, attention_mask=mask_pre, position_ids=pos_pre, position_embeddings=pe_pre, **cache)
+        suf = layer(suf, attention_mask=mask_suf, position_ids=pos_suf, position_embeddings=pe_suf, **cache)
+    if len(kv.kv) != len(layers):  # a layer that dropped the cache would silently ignore the prefix
+        raise RuntimeError(f"{len(layers)} decoder layers, but {len(kv.kv)} took the shared prefix's keys and values")
     return pre, suf
 
 
@@ -244,7 +275,7 @@ def cache_hidden_states(
     hidden = torch.cat(chunks)  # (N, T, d)
     return HiddenCache(hidden, attention_mask.to(hidden.device), labels.to(hidden.device),
                        answer_pos.to(hidden.device), targets.to(hidden.device), label_token_ids(tokenizer), start,
-                       prefix)
+                       prefix, _lengths=attention_mask.sum(1).tolist())
 
 
 def _top_hidden(model: nn.Module, cache: HiddenCache, idx, share_prefix: bool = False
@@ -254,9 +285,9 @@ def _top_hidden(model: nn.Module, cache: HiddenCache, idx, share_prefix: bool = 
     _, decoder, _ = _parts(model)
     if cache.start >= len(decoder.layers) or cache.hidden.shape[-1] != decoder.config.hidden_size:
         raise ValueError("this cache was made for another model")
+    width = cache.width(idx)  # right padding: later columns are padding in every row
     idx = torch.as_tensor(idx, dtype=torch.long, device=cache.hidden.device)
     mask = cache.attention_mask[idx]
-    width = int(mask.sum(1).max())  # right padding: later columns are padding in every row
     layers = decoder.layers[cache.start :]
     if share_prefix and cache.prefix_len > 0 and len(idx) > 1:
         pre, suf = _run_layers_shared(decoder, cache.hidden[idx, :width], mask[:, :width], layers, cache.prefix_len)

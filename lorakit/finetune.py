@@ -23,9 +23,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -45,7 +45,7 @@ from lorakit.fast import (
     top_layer_targets,
 )
 from lorakit.lora import _positive_int, _positive_number
-from lorakit.train import IGNORE_INDEX, encode, optimize, prompt_ids
+from lorakit.train import IGNORE_INDEX, StepTimer, encode, optimize, prompt_ids
 
 __all__ = [
     "Settings",
@@ -174,6 +174,40 @@ def load_base(settings: Settings):
     return model.eval(), tokenizer
 
 
+def random_base(settings: Settings, folder=None):
+    """(model, tokenizer) like `load_base`, but with random weights: the architecture from the config in `folder`
+    (by default `settings.model`'s folder, or SmolLM2's), seeded by `settings.seed`. Needs only a config and a
+    tokenizer, no weights: for measuring speed and memory of an architecture where its weights are not at hand
+    (accuracies and perplexities of such a model mean nothing). QLoRA quantizes the random weights as `load_base`
+    does a checkpoint's, by writing them to a temporary folder and loading that through `BitsAndBytesConfig`."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.models import checkpoint_dir
+
+    if folder is None:
+        folder = checkpoint_dir() if settings.model == DEFAULT_MODEL else settings.model
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: random weights need the model's config and tokenizer")
+    with _quiet():
+        config = AutoConfig.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(settings.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=settings.dtype)
+    if settings.method != "qlora":
+        model = model.to(settings.device).requires_grad_(False).eval()
+        _mark_fp32_kernels(model)
+        return model, tokenizer
+    with tempfile.TemporaryDirectory(prefix="lorakit-random-") as tmp, _quiet():
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        return load_base(dataclasses.replace(settings, model=tmp))
+
+
 def add_adapter(model: nn.Module, settings: Settings, adapter_name: str = "default"):
     """Wrap `model` with peft: LoRA (or DoRA) on `settings.targets` inside the top `settings.top_k` layers.
     Returns the `PeftModel`. The adapter's B starts at zero, so the wrapped model equals the base exactly."""
@@ -201,13 +235,24 @@ class TextCache:
     attention_mask: torch.Tensor
     input_ids: torch.Tensor
     start: int
+    _lengths: list[int] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
+    def lengths(self) -> list[int]:
+        """Real tokens of each text, read from the device once and kept on the host."""
+        if self._lengths is None:
+            self._lengths = self.attention_mask.sum(1).tolist()
+        return self._lengths
+
+    def width(self, idx) -> int:
+        lengths = self.lengths()
+        return max(lengths[int(i)] for i in idx)
+
     def tokens(self, idx=None) -> int:
-        mask = self.attention_mask if idx is None else self.attention_mask[torch.as_tensor(idx)]
-        return int(mask.sum())
+        lengths = self.lengths()
+        return sum(lengths) if idx is None else sum(lengths[int(i)] for i in idx)
 
 
 def cache_texts(model: nn.Module, tokenizer, texts: Sequence[str], top_k: int, max_length: int = 64,
@@ -246,15 +291,15 @@ def cache_texts(model: nn.Module, tokenizer, texts: Sequence[str], top_k: int, m
             hidden = _run_layers(decoder, hidden, mask[i:j, :w].to(device), decoder.layers[:start])
             chunks.append(F.pad(hidden, (0, 0, 0, width - w)))  # zeros on the padding, which nothing reads
     decoder.train(was_training)
-    return TextCache(torch.cat(chunks), mask.to(device), ids.to(device), start)
+    return TextCache(torch.cat(chunks), mask.to(device), ids.to(device), start, _lengths=[len(r) for r in rows])
 
 
 def _text_logprobs(model: nn.Module, cache: TextCache, idx) -> torch.Tensor:
     """Log-probabilities of the next token at every real position of rows `idx`: (n_positions, V)."""
     _, decoder, head = _parts(model)
+    width = cache.width(idx)
     idx = torch.as_tensor(idx, dtype=torch.long, device=cache.hidden.device)
     mask = cache.attention_mask[idx]
-    width = int(mask.sum(1).max())
     hidden = _run_layers(decoder, cache.hidden[idx, :width], mask[:, :width], decoder.layers[cache.start :])
     hidden = decoder.norm(hidden)[:, :-1]  # (B, w - 1, d): each position predicts the next token
     keep = mask[:, 1:width].bool()  # the next token is a real one
@@ -275,21 +320,44 @@ def kl_to_base(model, cache: TextCache, idx) -> torch.Tensor:
 
 
 def optimizer_factory(device: str) -> Callable:
-    """AdamW on CPU; bitsandbytes' paged AdamW on CUDA (its state in unified memory, notebook 09), or plain AdamW
-    where bitsandbytes is not installed."""
-    if str(device).startswith("cuda"):
-        try:
-            import bitsandbytes as bnb
+    """AdamW on CPU. On CUDA, bitsandbytes' `PagedAdamW` (notebook 09: float32 moments, no `step` tensor, and any
+    state of at least 100,000 elements in paged, unified memory; an adapter of this course's sizes has none that
+    large, so nothing pages here). Where bitsandbytes is missing or its CUDA library does not load, torch's AdamW,
+    and `optimizer_name` says why: the check runs one step on a tiny tensor first, because a CUDA library that failed
+    to load only shows itself at the first `optimizer.step()`."""
+    if str(device).startswith("cuda") and _bitsandbytes_cuda_problem() is None:
+        import bitsandbytes as bnb
 
-            return bnb.optim.PagedAdamW
-        except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - GPU without bitsandbytes
-            pass
+        return bnb.optim.PagedAdamW
     return torch.optim.AdamW
 
 
+@functools.cache
+def _bitsandbytes_cuda_problem() -> str | None:
+    """None when bitsandbytes' CUDA optimizer runs here, else the reason it does not (checked once a process)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        import bitsandbytes as bnb
+
+        p = torch.zeros(16, device="cuda", requires_grad=True)
+        p.grad = torch.ones_like(p)
+        bnb.optim.PagedAdamW([p], lr=1e-3).step()
+        torch.cuda.synchronize()
+        if not torch.isfinite(p).all() or p.abs().sum().item() == 0:
+            return "its optimizer step left the weights unchanged"
+    except Exception as error:  # noqa: BLE001 - any failure: ImportError, a missing CUDA library, a kernel error
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+    return None
+
+
 def optimizer_name(device: str) -> str:
+    """The optimizer `optimizer_factory(device)` gives, and on CUDA why it is not bitsandbytes' when it is not."""
     factory = optimizer_factory(device)
-    return f"{factory.__module__.split('.')[0]}.{factory.__name__}"
+    name = f"{factory.__module__.split('.')[0]}.{factory.__name__}"
+    if str(device).startswith("cuda") and factory is torch.optim.AdamW:
+        name += f" (bitsandbytes' paged AdamW unavailable: {_bitsandbytes_cuda_problem()})"
+    return name
 
 
 def available(model_id: str) -> bool:
@@ -319,6 +387,7 @@ def train_guarded(
     after_step: Callable[[int, float], None] | None = None,
     optimizer_factory: Callable | None = None,
     share_prefix: bool = True,
+    warmup: int = 0,
 ) -> dict:
     """Train the adapters on the task loss (answer tokens of `cache`) plus `kl_weight` × `kl_to_base` on
     `replay_batch` replay texts per step. Ticket batches cycle in a seeded shuffled order. Replay rows are drawn
@@ -326,10 +395,15 @@ def train_guarded(
     batch is padded to little more than its own texts. `share_prefix`: the tickets' common prefix (the chat
     template's system turn) goes through the top layers once per batch (`lorakit.fast.cached_loss`).
 
-    Returns {"loss": [...], "task_loss": [...], "kl": [...], "seconds": s, "tokens": n, "computed_tokens": m}:
-    per-step losses, the training time, the number of real tokens trained on (tickets and replay text, padding
-    left out) and the number of token positions that actually went through the top layers with gradients (the
-    same, less the shared prefix's repeats: count FLOPs from this one)."""
+    `warmup`: the first `warmup` steps train like the others but are not timed or counted in `seconds`, `tokens`
+    and `computed_tokens` (a GPU's first steps include one-time costs).
+
+    Returns {"loss": [...], "task_loss": [...], "kl": [...], "seconds": s, "tokens": n, "computed_tokens": m,
+    "step_ms": [...], "batches": [...]}: per-step losses, the training time, the number of real tokens trained on
+    (tickets and replay text, padding left out), the number of token positions that actually went through the top
+    layers with gradients (the same, less the shared prefix's repeats), each timed step's milliseconds (CUDA events on
+    a GPU) and its (ticket rows, replay rows), for `step_flops`. A step reads nothing back from the GPU: batch widths
+    and token counts come from row lengths kept on the host, and the losses are read once, at the end."""
     steps = _positive_int("steps", steps)
     batch_size = _positive_int("batch_size", batch_size)
     if len(cache) < batch_size:
@@ -340,12 +414,15 @@ def train_guarded(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter requires grad: add an adapter first (add_adapter)")
+    if not (isinstance(warmup, int) and 0 <= warmup < steps):
+        raise ValueError(f"`warmup` should be an int in [0, steps), but the value passed is {warmup!r}")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     orders: dict[str, list[int]] = {"task": [], "replay": []}
-    record: dict = {"task_loss": [], "kl": [], "tokens": 0, "computed_tokens": 0}
+    record: dict = {"task_loss": [], "kl": [], "tokens": 0, "computed_tokens": 0, "batches": []}
 
-    lengths = replay.attention_mask.sum(1).tolist() if guard else []
+    lengths = replay.lengths() if guard else []
+    ticket_lengths = cache.lengths()
 
     def take(name: str, size: int, n: int) -> list[int]:
         if len(orders[name]) < n:
@@ -361,29 +438,34 @@ def train_guarded(
         return idx
 
     def step_loss(step: int) -> torch.Tensor:
+        counted = step >= warmup
         idx = take("task", len(cache), batch_size)
         loss = cached_loss(model, cache, idx, share_prefix=share_prefix)
-        tokens = int(cache.attention_mask[torch.as_tensor(idx)].sum())
-        record["tokens"] += tokens
+        tokens = sum(ticket_lengths[i] for i in idx)
         shared = share_prefix and len(idx) > 1  # as cached_loss decides
-        record["computed_tokens"] += tokens - (len(idx) - 1) * cache.prefix_len * shared
-        record["task_loss"].append(loss.item())
+        record["tokens"] += tokens * counted
+        record["computed_tokens"] += (tokens - (len(idx) - 1) * cache.prefix_len * shared) * counted
+        record["task_loss"].append(loss.detach())
         if guard:
             ridx = take("replay", len(replay), replay_batch)
             kl = kl_to_base(model, replay, ridx)
-            record["tokens"] += replay.tokens(ridx)
-            record["computed_tokens"] += replay.tokens(ridx)
-            record["kl"].append(kl.item())
+            replay_tokens = sum(lengths[i] for i in ridx)
+            record["tokens"] += replay_tokens * counted
+            record["computed_tokens"] += replay_tokens * counted
+            record["kl"].append(kl.detach())
             loss = loss + kl_weight * kl
+        if counted:
+            record["batches"].append((idx, ridx if guard else None))
         return loss
 
     factory = optimizer_factory or torch.optim.AdamW
-    t0 = time.perf_counter()
+    timer = StepTimer(params[0].device, warmup=warmup)
     record["loss"] = optimize(model, params, steps, step_loss, lr=lr, desc="training" + (" (guarded)" * guard),
-                              progress=progress, after_step=after_step, optimizer_factory=factory)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    record["seconds"] = time.perf_counter() - t0
+                              progress=progress, after_step=after_step, optimizer_factory=factory, timer=timer)
+    for key in ("task_loss", "kl"):  # read back once, at the end
+        record[key] = [float(x) for x in torch.stack(record[key]).tolist()] if record[key] else []
+    record["seconds"] = timer.seconds()
+    record["step_ms"] = timer.milliseconds()
     return record
 
 
@@ -544,6 +626,107 @@ def flops_per_token(model, top_k: int, seq_len: int) -> dict:
     return {"frozen": frozen, "trainable": trainable, "flops": flops}
 
 
+def _frozen_matrices(layer: nn.Module) -> list[tuple[str, int]]:
+    """(short name, parameters) of each frozen weight matrix of a decoder layer (a 4-bit matrix packs two a byte)."""
+    out = []
+    for name, p in layer.named_parameters():
+        if p.requires_grad or p.dim() < 2:
+            continue
+        short = next((part for part in reversed(name.split(".")) if part.endswith("_proj")), name)
+        out.append((short, p.numel() * (2 if getattr(p, "quant_state", None) is not None else 1)))
+    return out
+
+
+def step_flops(model, cache: HiddenCache, idx, replay: TextCache | None = None, ridx=None,
+               share_prefix: bool = True) -> dict:
+    """The FLOPs of the matrix products of one `train_guarded` step on ticket rows `idx` (and replay rows `ridx`),
+    counted from the shapes exactly as the step runs them: every position of the padded batch, the shared prefix once.
+
+    A frozen weight matrix of P parameters costs 2P a position forward and 2P backward to its input; an adapter
+    matrix 2P more for its own gradient. In the first trained layer q, k and v read the cached, constant input, so
+    nothing is propagated to it (no backward to their input). Attention costs 4·Tq·Tk·width forward and twice that
+    backward per row and layer (no recomputation counted). The output head costs 2·d·V a scored position forward
+    and 2·d·V backward. The guard adds the replay rows twice: once with the adapters disabled and no gradient
+    (forward only) and once trained. DoRA adds, per pass through each adapted matrix, the products of an identity
+    matrix through A and B (peft's way to form B A for the weight norm).
+
+    Returns {"tickets": F, "replay": F, "head": F, "total": F, "positions": n}: `positions` the token positions that
+    went through the top layers with gradients (padding included). Compare `total` with `count_flops` of the step.
+    """
+    lm, decoder, head = _parts(model)
+    cfg = lm.config
+    heads = cfg.num_attention_heads
+    attn = heads * getattr(cfg, "head_dim", cfg.hidden_size // heads)
+    d, vocab = cfg.hidden_size, head.weight.shape[0]
+    layers = decoder.layers[cache.start:]
+    reads_cache = ("q_proj", "k_proj", "v_proj")  # the first trained layer's q, k, v read the cached input
+
+    def layer_flops(layer, first: bool, positions: int, square: int, trained: bool, passes: int) -> int:
+        """`passes` through `layer` (the prefix and the rows apart, or once) with `positions` token positions in all
+        and `square` the sum over rows of Tq·Tk; `trained`: with the adapters and gradients, else the base forward."""
+        total = 4 * square * attn * (3 if trained else 1)  # scores and weighted sum; backward twice the forward
+        for short, n in _frozen_matrices(layer):
+            total += 2 * n * positions * (1 + (trained and not (first and short in reads_cache)))
+        if not trained:
+            return total  # the guard's base pass: adapters disabled, no backward
+        for m in _adapted_modules(layer):
+            a, b = m["r"] * m["d_in"], m["r"] * m["d_out"]  # parameters of A and of B
+            to_input = not (first and m["name"] in reads_cache)
+            total += 2 * (a + b) * positions * 2 + 2 * b * positions + 2 * a * positions * to_input
+            if m["dora"]:  # B A through an identity matrix, each pass
+                total += 2 * m["d_in"] * (a + b) * passes
+        return total
+
+    def through(rows: int, width: int, prefix: int, trained: bool) -> tuple[int, int]:
+        if prefix:  # the prefix once (1 row, p x p), then each row's own tokens attending to prefix and themselves
+            positions, square = prefix + rows * (width - prefix), prefix * prefix + rows * (width - prefix) * width
+        else:
+            positions, square = rows * width, rows * width * width
+        passes = 2 if prefix else 1
+        total = sum(layer_flops(layer, i == 0, positions, square, trained, passes) for i, layer in enumerate(layers))
+        return total, positions
+
+    idx = list(idx)
+    width = cache.width(idx)
+    prefix = cache.prefix_len if share_prefix and len(idx) > 1 and cache.prefix_len > 0 else 0
+    tickets, positions = through(len(idx), width, prefix, trained=True)
+    labels = cache.labels[torch.as_tensor(idx, device=cache.labels.device), 1:width]
+    scored = int((labels != IGNORE_INDEX).sum())
+    head_flops = 4 * d * vocab * scored
+    replay_flops = 0
+    if replay is not None and ridx is not None and len(ridx):
+        ridx = list(ridx)
+        rwidth = replay.width(ridx)
+        trained, rpositions = through(len(ridx), rwidth, 0, trained=True)
+        base, _ = through(len(ridx), rwidth, 0, trained=False)
+        replay_flops = trained + base
+        positions += rpositions
+        head_flops += (4 + 2) * d * vocab * (replay.tokens(ridx) - len(ridx))  # trained (fwd + bwd) and base (fwd)
+    return {"tickets": tickets, "replay": replay_flops, "head": head_flops,
+            "total": tickets + replay_flops + head_flops, "positions": positions}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """The FLOPs torch's own counter (`torch.utils.flop_counter.FlopCounterMode`) sees while `fn()` runs: matrix
+    products and attention. The counter knows CUDA's attention kernels; on a CPU, SDPA runs a kernel it has no formula
+    for, so this registers torch's own SDPA formulas for it. Torch counts attention's backward as 2.5 times its
+    forward (the flash-style recomputation of the scores), where `step_flops` counts 2."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):  # shapes in, as torch's own formulas take them
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = (
+            lambda query, key, value, *args, out_shape=None, **kwargs: fc.sdpa_flop_count(query, key, value))
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            lambda grad_out, query, key, value, *args, out_shape=None, **kwargs:
+            fc.sdpa_backward_flop_count(grad_out, query, key, value))
+    counter = fc.FlopCounterMode(display=False, custom_mapping=mapping)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def estimate_mfu(flops_per_tok: float, tokens_per_s: float, peak: float | None) -> float | None:
     """Model FLOPs utilisation: achieved model FLOP/s (flops per token × tokens per second) over the device's
     peak. None when the peak is unknown (CPU)."""
@@ -582,45 +765,86 @@ def cuda_peak_memory():
 # Memory: one guarded step, predicted from shapes and measured from the tensors themselves
 
 
+def _adapted_modules(layer: nn.Module) -> list[dict]:
+    """The adapted matrices of one decoder layer, from its trainable parameters: for each, its short name, input and
+    output widths, rank, and whether it is DoRA (peft's `lora_magnitude_vector`)."""
+    found: dict[str, dict] = {}
+    for name, p in layer.named_parameters():
+        if not p.requires_grad:
+            continue
+        for part in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            if f".{part}." in f".{name}.":
+                owner = name.split(f".{part}")[0]
+                entry = found.setdefault(owner, {"name": owner.rsplit(".", 1)[-1], "dora": False})
+                if part == "lora_A":
+                    entry.update(r=p.shape[0], d_in=p.shape[1], size=p.element_size())
+                elif part == "lora_B":
+                    entry["d_out"] = p.shape[0]
+                else:
+                    entry["dora"] = True
+    return [m for m in found.values() if "r" in m and "d_out" in m]
+
+
 def predict_activation_bytes(model, top_k: int, ticket_tokens: int, answer_tokens: int, replay_tokens: int = 0,
                              replay_positions: int = 0, prefix_kv_tokens: int = 0) -> dict:
-    """Bytes autograd saves for backward in one step of `train_guarded`, predicted from the architecture alone.
+    """Bytes autograd keeps for backward in one step of `train_guarded`, predicted from the architecture alone.
 
     Per token and adapted decoder layer (Llama block, every weight frozen but the adapters), the tensors a
-    backward pass needs are: the two RMSNorm inputs and outputs and their inverse norms (4d + 2), the query, key
-    and value that SDPA keeps (3d: with a padding mask, transformers repeats grouped-query attention's key and
-    value heads to every query head before SDPA, so they are d wide, not d_kv) and one log-sum-exp per head, the
-    input of o_proj (d), the MLP's gate output, its SiLU, the up output and their product (4·d_ff), and each
-    adapter's r-wide middle (r per adapted matrix). The output head keeps, per scored position, its input (d)
-    and the log-softmax over the vocabulary (V); the guard scores every replay position, and its KL term keeps
-    the base model's log-probabilities too (2V). The element size is the model's dtype. Returns the parts and
-    the total; compare with `lorakit.memory.measure_training_state`.
+    backward pass needs are: the two RMSNorm inputs and their inverse norms, the query, key and value that SDPA
+    keeps (with a padding mask, transformers repeats grouped-query attention's key and value heads to every query
+    head before SDPA, so they are as wide as the queries) and one log-sum-exp per head, the MLP's gate output, its
+    SiLU and the up output, each adapter's input and its r-wide middle. The output head keeps, per scored position,
+    the float32 log-softmax over the vocabulary; the guard scores every replay position, and its KL term keeps the
+    base model's log-probabilities too.
+
+    Element sizes follow the tensors, not one dtype for all (`model`'s compute dtype is its norms' dtype, which
+    stays 16-bit under QLoRA): RMSNorm computes in float32, the log-softmax rows are float32, and peft keeps its
+    adapters in float32 under a 16-bit model, so each adapter casts its input to float32 and keeps that copy (one
+    per adapted matrix, where a float32 model's adapters share the tensor they read). DoRA (peft's `use_dora`)
+    keeps, per token, each adapted matrix's base output and low-rank output. While each DoRA layer's forward runs, it
+    also holds weight-sized temporaries that backward never reads: an identity matrix (`d_in x d_in`, through which
+    peft computes `B A`), `B A` itself and `W + s B A` for the weight norm. They are freed when the layer's forward
+    ends, so they are not in the total; "DoRA weight temporaries (transient)" gives the largest layer's, which adds
+    to the peak of memory while that layer runs.
 
     With a shared prefix (`cached_loss(..., share_prefix=True)`), `ticket_tokens` counts the token positions that
     actually go through the layers (the prefix once, p + B·(w − p)), and `prefix_kv_tokens` (B·p) the prefix keys
-    and values that each row's attention keeps in addition (2d per position and layer).
+    and values that each row's attention keeps in addition (2 attention widths per position and layer). Small
+    tensors are left out (attention masks, rotary tables, DoRA's per-output scales). Returns the parts and their
+    total; compare with `lorakit.memory.measure_training_state`.
     """
     lm, decoder, _ = _parts(model)
     start = _start(model, top_k)
     cfg = lm.config
     d, d_ff, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     attn = heads * getattr(cfg, "head_dim", d // heads)  # the attention width (d in Llama)
-    adapter_width = 0
-    for layer in decoder.layers[start : start + 1]:
-        for name, p in layer.named_parameters():
-            if p.requires_grad and "lora_A" in name:
-                adapter_width += p.shape[0]  # r of each adapted matrix
-    size = next(p for p in decoder.layers[start].parameters() if p.is_floating_point()).element_size()
-    per_token_layer = 4 * d + 2 + (3 * attn + heads) + attn + 4 * d_ff + adapter_width
+    layer = decoder.layers[start]
+    size = layer.input_layernorm.weight.element_size()  # the compute dtype (4-bit weights are not it)
+    adapters = _adapted_modules(layer)
+    f32 = 4
+    shared = all(m["size"] == size for m in adapters)  # the adapters read the layer's own tensors
+    middles = sum(m["r"] * m["size"] for m in adapters)
+    if shared:  # norms' inputs and outputs (the outputs are what q,k,v and gate,up read), o_proj's and down_proj's
+        per_token_layer = size * (4 * d + 2 + (3 * attn + heads) + attn + 4 * d_ff) + middles  # inputs, the MLP
+    else:
+        per_token_layer = (f32 * 2 * (d + 1)  # RMSNorm's float32 upcast of its input, and its inverse norm
+                           + size * 4 * attn + f32 * heads  # q, k, v, the attention output; log-sum-exp
+                           + size * 3 * d_ff  # gate output, SiLU, up output
+                           + sum(m["d_in"] * m["size"] for m in adapters) + middles)  # each adapter's float32 input
+    per_token_layer += sum(m["d_out"] * (size + m["size"]) for m in adapters if m["dora"])  # DoRA: base, low-rank
     tokens = ticket_tokens + replay_tokens
     vocab = cfg.vocab_size
     parts = {
-        "decoder layers": size * (per_token_layer * tokens + 2 * attn * prefix_kv_tokens) * top_k,
-        "final norm": size * (2 * d + 1) * tokens,
-        "output head, tickets": size * (d + vocab) * answer_tokens,
-        "output head, replay": size * (d + 2 * vocab) * replay_positions,
+        "decoder layers": (per_token_layer * tokens + size * 2 * attn * prefix_kv_tokens) * top_k,
+        "final norm": (size * (2 * d + 1) if shared else f32 * (d + 1)) * tokens,
+        "output head, tickets": (size * (d + vocab) if shared else f32 * vocab) * answer_tokens,
+        "output head, replay": (size * (d + 2 * vocab) if shared else f32 * 2 * vocab) * replay_positions,
     }
     parts["total"] = sum(parts.values())
+    dora = [m for m in adapters if m["dora"]]
+    if dora:  # alive one adapted matrix at a time, while its forward runs; not kept for backward, not in the total
+        parts["DoRA weight temporaries (transient)"] = max(
+            m["size"] * (m["d_in"] ** 2 + m["d_in"] * m["r"] + 2 * m["d_out"] * m["d_in"]) for m in dora)
     return parts
 
 
@@ -716,7 +940,7 @@ def cached_perplexity(model, texts: TextCache, batch_size: int = 8) -> float:
         for idx in _text_batches(texts.attention_mask.sum(1).tolist(), batch_size, max_tokens=1024):
             logprobs = _text_logprobs(model, texts, idx)  # (n_positions, V), row by row, position by position
             mask = texts.attention_mask[idx]
-            width = int(mask.sum(1).max())
+            width = texts.width(idx)
             nxt = texts.input_ids[idx, 1:width][mask[:, 1:width].bool()]  # the same positions, in the same order
             total -= logprobs.gather(1, nxt[:, None]).sum().item()
             count += len(nxt)

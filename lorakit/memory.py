@@ -26,6 +26,7 @@ The calculators return small frozen dataclasses that print as aligned tables; no
 from __future__ import annotations
 
 import numbers
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -521,6 +522,7 @@ class TrainingState:
     optimizer: dict[str, int]
     activations: int | None = None
     saved_parameter_bytes: int | None = None
+    paged_optimizer: int = 0  # of the optimizer's bytes, those in bitsandbytes' paged (unified) memory
 
     @property
     def parameters(self) -> int:
@@ -541,6 +543,8 @@ class TrainingState:
             ("gradients", self.gradients / MB),
         ]
         rows += [(f"optimizer {k}", v / MB) for k, v in self.optimizer.items()]
+        if self.paged_optimizer:
+            rows.append(("  of which paged (unified memory)", self.paged_optimizer / MB))
         rows.append(("activations (saved for backward)", "n/a" if self.activations is None else self.activations / MB))
         rows.append(("total", self.total / MB))
         return _table("training state", ("kind", "MB"), rows)
@@ -562,14 +566,29 @@ def _nbytes(p: torch.Tensor) -> int:
     return p.numel() * p.element_size()
 
 
-def predict_training_state(model: nn.Module, amsgrad: bool = False) -> TrainingState:
+PAGED_MIN_ELEMENTS = 100_000  # bitsandbytes' paged optimizers page a state tensor only from this many elements
+
+
+def _is_bitsandbytes(optimizer: Callable | None) -> bool:
+    owner = getattr(optimizer, "func", optimizer)  # a functools.partial of an optimizer class counts as that class
+    return getattr(owner, "__module__", "").startswith("bitsandbytes")
+
+
+def predict_training_state(model: nn.Module, amsgrad: bool = False, optimizer: Callable | None = None) -> TrainingState:
     """What one AdamW (or Adam) step will hold, from parameter shapes, dtypes and requires_grad alone.
 
-    As torch's default (for-each, not fused, not capturable) Adam/AdamW allocates it: a gradient for
-    every trainable parameter in its dtype; `exp_avg` and `exp_avg_sq` (and `max_exp_avg_sq` with
-    amsgrad) as `zeros_like(param)`; and `step` as a 0-d CPU tensor of the default float dtype
-    (float32, 4 bytes) per parameter tensor. Frozen parameters get none of these. Tied parameters
-    count once. Activations depend on the batch and are not predicted.
+    `optimizer` (the class or factory the step uses; torch's by default) sets the layout of its state.
+
+    * torch's default (for-each, not fused, not capturable) Adam/AdamW: `exp_avg` and `exp_avg_sq` (and
+      `max_exp_avg_sq` with amsgrad) as `zeros_like(param)`, and `step` as a 0-d CPU tensor of the default float
+      dtype (float32, 4 bytes) per parameter tensor;
+    * bitsandbytes' 32-bit optimizers (`bnb.optim.AdamW`, `PagedAdamW`, ...): `state1` and `state2` in float32
+      whatever the parameter's dtype, and the step count as a Python int (no tensor). The paged ones put a state
+      tensor of at least `PAGED_MIN_ELEMENTS` elements on a CUDA device in paged (unified) memory, which torch's
+      allocator does not count: those bytes are also reported apart, as `paged_optimizer`.
+
+    In both, a gradient for every trainable parameter in its dtype; frozen parameters get none of these. Tied
+    parameters count once. Activations depend on the batch and are not predicted.
 
         >>> m = nn.Linear(10, 4)                      # 44 float32 parameters in 2 tensors
         >>> predict_training_state(m).optimizer
@@ -580,16 +599,26 @@ def predict_training_state(model: nn.Module, amsgrad: bool = False) -> TrainingS
     params = list(model.parameters())  # a tied weight (lm_head = embed_tokens) is yielded once
     trainable = [p for p in params if p.requires_grad]
     train_bytes = sum(_nbytes(p) for p in trainable)
-    step_bytes = torch.empty((), dtype=torch.get_default_dtype()).element_size()
-    optimizer = {"exp_avg": train_bytes, "exp_avg_sq": train_bytes}
-    if amsgrad:
-        optimizer["max_exp_avg_sq"] = train_bytes
-    optimizer["step"] = step_bytes * len(trainable)
+    paged = 0
+    if _is_bitsandbytes(optimizer):
+        if amsgrad:
+            raise ValueError("bitsandbytes' optimizers have no amsgrad state: predict with amsgrad=False")
+        state_bytes = 4 * sum(p.numel() for p in trainable)  # float32 states
+        optimizer_state = {"state1": state_bytes, "state2": state_bytes}
+        if "Paged" in getattr(getattr(optimizer, "func", optimizer), "__name__", ""):
+            paged = 2 * 4 * sum(p.numel() for p in trainable if p.is_cuda and p.numel() >= PAGED_MIN_ELEMENTS)
+    else:
+        step_bytes = torch.empty((), dtype=torch.get_default_dtype()).element_size()
+        optimizer_state = {"exp_avg": train_bytes, "exp_avg_sq": train_bytes}
+        if amsgrad:
+            optimizer_state["max_exp_avg_sq"] = train_bytes
+        optimizer_state["step"] = step_bytes * len(trainable)
     return TrainingState(
         trainable_parameters=train_bytes,
         frozen_parameters=sum(_nbytes(p) for p in params if not p.requires_grad),
         gradients=train_bytes,
-        optimizer=optimizer,
+        optimizer=optimizer_state,
+        paged_optimizer=paged,
     )
 
 
@@ -607,8 +636,9 @@ def measure_training_state(
     - parameters: distinct storages of the model's parameters, split by requires_grad;
     - gradients: distinct storages of the `.grad` tensors after backward;
     - optimizer: distinct storages of the optimizer state after the step, by state name;
-    - activations: distinct storages that autograd saved for backward during the forward, counted with
-      `torch.autograd.graph.saved_tensors_hooks`. A saved tensor whose storage is a parameter's (an
+    - activations: distinct storages that autograd saved for backward during the forward and still holds when the
+      forward ends, counted with `torch.autograd.graph.saved_tensors_hooks` (a temporary graph built and dropped
+      inside the forward saves nothing that backward reads). A saved tensor whose storage is a parameter's (an
       op saving its weight, or a view of it such as weight.t()) is not an activation: its bytes go to
       `saved_parameter_bytes` and are not added to `total`. The integer input ids that the
       embedding saves do count (they are small).
@@ -625,12 +655,10 @@ def measure_training_state(
         from lorakit.train import answer_loss as loss_fn
 
     param_storages = {_storage_key(p) for p in params}
-    saved: dict[tuple[str, int], int] = {}
-    saved_params: dict[tuple[str, int], int] = {}
+    packed: list[tuple[weakref.ref, tuple[str, int], int]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        (saved_params if key in param_storages else saved)[key] = t.untyped_storage().nbytes()
+        packed.append((weakref.ref(t), _storage_key(t), t.untyped_storage().nbytes()))
         return t
 
     for p in params:
@@ -641,6 +669,14 @@ def measure_training_state(
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = loss_fn(model, batch)
+        # what backward will read: tensors still held when the forward ends (a graph built and dropped inside the
+        # forward, as peft's DoRA does for its weight norm, saved tensors that are already freed)
+        saved: dict[tuple[str, int], int] = {}
+        saved_params: dict[tuple[str, int], int] = {}
+        for ref, key, nbytes in packed:
+            if ref() is not None:
+                (saved_params if key in param_storages else saved)[key] = nbytes
+        del packed[:]
         loss.backward()
         grads = _unique_storage_bytes(p.grad for p in params if p.grad is not None)
         optimizer.step()
@@ -648,10 +684,13 @@ def measure_training_state(
         model.train(was_training)
 
     by_kind: dict[str, dict[tuple[str, int], int]] = {}
+    paged: dict[tuple[str, int], int] = {}
     for state in optimizer.state.values():
         for name, value in state.items():
             if isinstance(value, torch.Tensor):
                 by_kind.setdefault(name, {})[_storage_key(value)] = value.untyped_storage().nbytes()
+                if getattr(value, "is_paged", False):  # bitsandbytes' unified-memory state
+                    paged[_storage_key(value)] = value.untyped_storage().nbytes()
     optimizer.zero_grad(set_to_none=True)
     return TrainingState(
         trainable_parameters=_unique_storage_bytes(trainable),
@@ -660,6 +699,7 @@ def measure_training_state(
         optimizer={k: sum(v.values()) for k, v in by_kind.items()},
         activations=sum(saved.values()),
         saved_parameter_bytes=sum(saved_params.values()),
+        paged_optimizer=sum(paged.values()),
     )
 
 

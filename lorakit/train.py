@@ -10,6 +10,7 @@ A chat-formatted prompt, then the answer; the loss is cross-entropy on the answe
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -107,6 +108,7 @@ def optimize(
     progress: bool = True,
     after_step: Callable[[int, float], None] | None = None,
     optimizer_factory: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+    timer: StepTimer | None = None,
 ) -> list[float]:
     """The loop every trainer here shares: `steps` AdamW steps on `params`, each on the loss `step_loss(step)`
     returns, with `model` in training mode (restored after); returns the loss of every step.
@@ -114,23 +116,90 @@ def optimize(
     `optimizer_factory(params, lr=..., weight_decay=...)` builds the optimizer (AdamW by default; a GPU run may
     pass bitsandbytes' paged AdamW).
 
+    `timer` (a `StepTimer`), if given, times every step.
+
     progress=False always hides the tqdm bar; otherwise tqdm's own settings apply (TQDM_DISABLE=1 hides it in CI).
+    Reading a loss (`loss.item()`) makes the host wait for the GPU; with no bar shown and no `after_step`, the losses
+    are read once, at the end, so that a GPU never waits for the host between steps.
     """
     optimizer = optimizer_factory(params, lr=lr, weight_decay=weight_decay)
     was_training = model.training
     model.train()
-    losses = []
+    losses: list = []
     bar = tqdm(range(steps), desc=desc, **({} if progress else {"disable": True}))
+    live = after_step is not None or not bar.disable  # someone reads each loss as it comes
     try:
         for step in bar:
+            if timer is not None:
+                timer.start()
             loss = step_loss(step)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if timer is not None:
+                timer.stop()
+            if not live:
+                losses.append(loss.detach())
+                continue
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if after_step is not None:
                 after_step(step + 1, losses[-1])
     finally:
         model.train(was_training)
-    return losses
+    return [float(x) for x in torch.stack(losses).tolist()] if losses and not live else losses
+
+
+class StepTimer:
+    """Times the steps of a loop, leaving out the first `warmup` (one-time costs: kernel selection, the allocator
+    growing, the optimizer allocating its state). On a CUDA device it records CUDA events and waits for the GPU only
+    when read; elsewhere it reads the host's clock.
+
+        >>> timer = StepTimer("cpu", warmup=1)
+        >>> for _ in range(3):
+        ...     timer.start(); timer.stop()
+        >>> len(timer.milliseconds())
+        2
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", warmup: int = 0):
+        if not (isinstance(warmup, int) and warmup >= 0):
+            raise ValueError(f"`warmup` should be an int >= 0, but the value passed is {warmup!r}")
+        self.cuda = torch.device(device).type == "cuda"
+        self.warmup = warmup
+        self._marks: list[tuple] = []
+        self._steps = 0
+        self._current = None
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._current = self._mark() if self._steps >= self.warmup else None
+
+    def stop(self) -> None:
+        if self._current is not None:
+            self._marks.append((self._current, self._mark()))
+        self._steps += 1
+        self._current = None
+
+    def milliseconds(self) -> list[float]:
+        """Each timed step's duration in ms."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in self._marks]
+        return [(b - a) * 1e3 for a, b in self._marks]
+
+    def seconds(self) -> float:
+        """From the start of the first timed step to the end of the last (what happened between steps included)."""
+        if not self._marks:
+            return 0.0
+        first, last = self._marks[0][0], self._marks[-1][1]
+        if self.cuda:
+            torch.cuda.synchronize()
+            return first.elapsed_time(last) / 1e3
+        return last - first
