@@ -313,10 +313,28 @@ def kl_to_base(model, cache: TextCache, idx) -> torch.Tensor:
     if not hasattr(model, "disable_adapter"):
         raise TypeError("kl_to_base needs a peft model (get_peft_model / add_adapter): it disables the adapter "
                         "to get the base model's distribution")
-    with torch.no_grad(), model.disable_adapter():
+    with torch.no_grad(), adapters_disabled(model):
         base = _text_logprobs(model, cache, idx)
     tuned = _text_logprobs(model, cache, idx)
     return F.kl_div(tuned, base, log_target=True, reduction="batchmean")
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """What peft's `model.disable_adapter()` does for LoRA and DoRA, at a fraction of its cost: every adapter layer
+    that is on is switched off (`enable_adapters(False)`, as peft's own context does layer by layer) and back on after.
+    peft's context also checks the whole model's adapter status first, which walks and prints every adapter module:
+    about 35 ms a call for SmolLM2 on a CPU, once per guarded step, as long as the step's own work on a GPU."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def optimizer_factory(device: str) -> Callable:
