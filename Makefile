@@ -23,8 +23,9 @@ NBVAL := --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider
 
 setup: $(VENV)/.installed $(MODEL)
 
-# torch first, from the CPU wheel (a bare `torch` requirement would pull a multi-GB CUDA build);
-# then lorakit with every package pinned by constraints.txt; then the packages that must skip their deps.
+# torch first, pinned: where a local index holds its CPU wheel (the course's CPU machines) pip takes that; from PyPI
+# on Linux the same pin is the CUDA build (several GB; it runs on a CPU too, and it is what a GPU needs). Then lorakit
+# with every package pinned by constraints.txt; then the packages that must skip their deps.
 $(VENV)/.installed: pyproject.toml constraints.txt requirements-nodeps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0

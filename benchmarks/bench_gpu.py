@@ -51,7 +51,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-DEFAULT_CONFIGS = "lora:16,lora:64,lora:256,qlora:16,dora:16,lora:16"  # the first again: is it stable?
+DEFAULT_CONFIGS = "lora:16,lora:64,lora:256,qlora:16,dora:16"  # add one again to see how steady it is
 
 
 def use_bundle() -> str:

@@ -204,12 +204,13 @@ def _run_layers_shared(decoder: nn.Module, hidden: torch.Tensor, attention_mask:
     own = own & attention_mask[:, None, prefix:].bool()  # causal within the row's own tokens, no padding keys
     mask_suf = torch.cat([own.new_ones(b, s, prefix), own], -1)[:, None]  # (B, 1, s, prefix + s): True = attend
     kv = _SharedPrefix()
-    for layer in layers:  # layer by layer: each suffix pass needs that layer's prefix keys and values
+    for n, layer in enumerate(layers, 1):  # layer by layer: each suffix pass needs that layer's prefix keys and values
         cache = {_cache_keyword(type(layer)): kv}
         pre = layer(pre, attention_mask=mask_pre, position_ids=pos_pre, position_embeddings=pe_pre, **cache)
+        if len(kv.kv) != n:  # a layer that dropped the cache would run the rows without the prefix
+            raise RuntimeError(f"decoder layer {n - 1} of these {len(layers)} never took the shared prefix's keys and "
+                               "values: this transformers version passes the cache under another name")
         suf = layer(suf, attention_mask=mask_suf, position_ids=pos_suf, position_embeddings=pe_suf, **cache)
-    if len(kv.kv) != len(layers):  # a layer that dropped the cache would silently ignore the prefix
-        raise RuntimeError(f"{len(layers)} decoder layers, but {len(kv.kv)} took the shared prefix's keys and values")
     return pre, suf
 
 

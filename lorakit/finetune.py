@@ -4,17 +4,21 @@ with peft's LoRA, QLoRA or DoRA, guard what it already knows, and measure it all
 The pieces, each small:
 
 * `Settings`, `pick_device`, `load_base`, `add_adapter`: one settings object; CPU (float32, AdamW) or CUDA (bf16,
-  paged AdamW) chosen automatically; the base model (SmolLM2 offline by default, any local path or hub id
-  otherwise), 4-bit NF4 with double quantization for QLoRA; peft adapters in the top `top_k` decoder layers.
+  bitsandbytes' paged AdamW, or torch's where its CUDA library does not load) chosen automatically; the base model
+  (SmolLM2 offline by default, any local path or hub id otherwise), 4-bit NF4 with double quantization for QLoRA;
+  peft adapters in the top `top_k` decoder layers. `random_base`: the same architecture from a config alone.
 * `cache_texts`: the lower, frozen layers run once over general text (the *replay* set, and the regression texts
   that `cached_perplexity` scores from the top layers alone), as `lorakit.fast.cache_hidden_states` does for tickets.
 * `train_guarded`: AdamW on the task loss plus `kl_weight` times the KL divergence from the base model's
   next-token distribution on a few replay texts per step (the base is the same model with its adapter disabled,
-  so it costs no second copy). `kl_weight=0` is plain LoRA.
+  `adapters_disabled`, so it costs no second copy). `kl_weight=0` is plain LoRA. Steps are timed after untimed
+  warm-up steps, and nothing is read back from a GPU mid-step.
 * `generate_answers` / `exact_match`: task accuracy as a user sees it: greedy generation, the reply compared with
   the required action word for word. `greedy_replies`: the same replies, generating only the wrong ones (a
   teacher-forced forward over the cached tickets, `greedy_hits`, finds the replies that are exactly the answer).
-* `flops_per_token`, `estimate_mfu`, `peak_flops`: throughput and model FLOPs utilisation, nanoGPT-style.
+* `flops_per_token`, `step_flops`, `count_flops`, `estimate_mfu`, `peak_flops`: throughput and model FLOPs
+  utilisation, nanoGPT-style: per token, and every matrix product of a step, checked against torch's counter.
+* `predict_activation_bytes`: the activations a step keeps, from the architecture and each tensor's dtype.
 * `result_line`: the one summary line a script can read.
 """
 
@@ -51,21 +55,26 @@ __all__ = [
     "Settings",
     "pick_device",
     "load_base",
+    "random_base",
     "add_adapter",
     "TextCache",
     "cache_texts",
     "kl_to_base",
+    "adapters_disabled",
     "train_guarded",
     "generate_answers",
     "greedy_hits",
     "greedy_replies",
     "exact_match",
     "flops_per_token",
+    "step_flops",
+    "count_flops",
     "peak_flops",
     "estimate_mfu",
     "result_line",
     "predict_activation_bytes",
     "optimizer_factory",
+    "optimizer_name",
     "sweep",
     "heldout_task",
     "heldout_kl",

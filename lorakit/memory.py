@@ -729,10 +729,14 @@ class ModelShape:
                 "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
 
     @property
+    def linear_params(self) -> int:
+        """Parameters of the decoder blocks' seven projections: what QLoRA stores in NF4."""
+        return self.layers * sum(i * o for i, o in self.linear_shapes.values())
+
+    @property
     def params(self) -> int:
-        block = sum(i * o for i, o in self.linear_shapes.values()) + 2 * self.hidden  # + two RMSNorm weights
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
-        return self.layers * block + embeddings + self.hidden  # + the final norm
+        return self.linear_params + self.layers * 2 * self.hidden + embeddings + self.hidden  # + RMSNorm weights
 
     def adapter_params(self, r: int, targets: str | Iterable[str] = ("q_proj", "v_proj")) -> int:
         return self.layers * lora_budget(r, targets, self.linear_shapes).adapter_params
@@ -763,7 +767,9 @@ class MemoryBreakdown:
 
     Mixed precision as the lesson counts it: 16-bit weights and gradients, two fp32 Adam moments, and
     optionally an fp32 master copy, for every *trainable* parameter. The frozen base costs 2 bytes per
-    parameter (16-bit) under LoRA and 4.127 bits under QLoRA (NF4 with double quantization).
+    parameter (16-bit) under LoRA. QLoRA as bitsandbytes and peft do it: the decoder's linear layers in NF4
+    with double quantization (4.127 bits), the embedding, the output head and the norms left in 16 bits, and
+    the adapters in float32 (weights, gradients and Adam moments: 16 bytes per parameter).
     """
 
     model: str
@@ -816,10 +822,12 @@ def finetune_memory(
     elif method == "LoRA":
         rows.append(("16-bit frozen base", 2 * frozen / GB))
         rows.append(("16-bit adapter weights", 2 * trainable / GB))
-    else:
-        rows.append(("NF4 frozen base (4.127 bits)", nf4_bits_per_param(True) / 8 * frozen / GB))
-        rows.append(("16-bit adapter weights", 2 * trainable / GB))
-    rows.append(("16-bit gradients", 2 * trainable / GB))
+    else:  # bitsandbytes quantizes only the linear layers; peft keeps adapters over a 4-bit base in float32
+        rows.append(("NF4 linear layers (4.127 bits)", nf4_bits_per_param(True) / 8 * shape.linear_params / GB))
+        rows.append(("16-bit embeddings, head, norms", 2 * (n - shape.linear_params) / GB))
+        rows.append(("fp32 adapter weights", 4 * trainable / GB))
+    grad_bytes = 4 if method == "QLoRA" else 2
+    rows.append((f"{'fp32' if method == 'QLoRA' else '16-bit'} gradients", grad_bytes * trainable / GB))
     rows.append(("fp32 Adam moments m, v", 8 * trainable / GB))
     if master_weights:
         rows.append(("fp32 master weights", 4 * trainable / GB))

@@ -48,7 +48,8 @@ def _namespace(seed: int) -> dict:
     return {"math": math, "torch": torch, "F": F, "finetune": finetune, "replies_before": replies,
             "test_tickets": tickets, "task_acc_before": acc, "peft_model": model, "measured": measured,
             "predict_training_state": predict_training_state, "flops": {"flops": 3.0e8},
-            "guarded_run": {"tokens": 12_000, "seconds": 30.0}}
+            "guarded_run": {"tokens": 12_000, "seconds": 30.0},
+            "settings": finetune.Settings(device="cpu", dtype=torch.float32)}
 
 
 def run_exercise(answer_id: str, answer_source: str, seed: int = 0) -> None:
