@@ -102,8 +102,27 @@ def top_layer_targets(model: nn.Module, top_k: int, modules: str | Sequence[str]
     return names
 
 
+class RowLengths:
+    """For a cache of right-padded rows (`attention_mask`, and `_lengths` once read): each row's real tokens as a
+    Python list read from the device once, so that a training step on a GPU chooses its batch's width and counts
+    its tokens without waiting for the GPU."""
+
+    attention_mask: torch.Tensor
+    _lengths: list[int] | None
+
+    def lengths(self) -> list[int]:
+        if self._lengths is None:
+            self._lengths = self.attention_mask.sum(1).tolist()
+        return self._lengths
+
+    def width(self, idx) -> int:
+        """The longest row among `idx` (right padding: columns past it are padding in every one of these rows)."""
+        lengths = self.lengths()
+        return max(lengths[int(i)] for i in idx)
+
+
 @dataclass
-class HiddenCache:
+class HiddenCache(RowLengths):
     """Inputs of decoder layer `start` for N tickets, plus what the top layers and the loss need.
 
     hidden: (N, T, d) float; attention_mask: (N, T), 1 on tokens, 0 on the right padding;
@@ -125,18 +144,6 @@ class HiddenCache:
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
-
-    def lengths(self) -> list[int]:
-        """Real tokens of each row, as a Python list read from the device once: a training step on a GPU then
-        chooses its batch's width without waiting for the GPU."""
-        if self._lengths is None:
-            self._lengths = self.attention_mask.sum(1).tolist()
-        return self._lengths
-
-    def width(self, idx) -> int:
-        """The longest row among `idx` (right padding: columns past it are padding in every one of these rows)."""
-        lengths = self.lengths()
-        return max(lengths[int(i)] for i in idx)
 
     def nbytes(self) -> int:
         return self.hidden.element_size() * self.hidden.numel()

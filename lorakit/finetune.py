@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from lorakit.data import SYSTEM, accuracy_with_stderr
 from lorakit.fast import (
     HiddenCache,
+    RowLengths,
     _parts,
     _run_layers,
     _start,
@@ -236,7 +237,7 @@ def add_adapter(model: nn.Module, settings: Settings, adapter_name: str = "defau
 
 
 @dataclass
-class TextCache:
+class TextCache(RowLengths):
     """Inputs of decoder layer `start` for N texts, right-padded: hidden (N, T, d), attention_mask (N, T),
     input_ids (N, T) (padding set to -100). Made by `cache_texts`."""
 
@@ -248,16 +249,6 @@ class TextCache:
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
-
-    def lengths(self) -> list[int]:
-        """Real tokens of each text, read from the device once and kept on the host."""
-        if self._lengths is None:
-            self._lengths = self.attention_mask.sum(1).tolist()
-        return self._lengths
-
-    def width(self, idx) -> int:
-        lengths = self.lengths()
-        return max(lengths[int(i)] for i in idx)
 
     def tokens(self, idx=None) -> int:
         lengths = self.lengths()
