@@ -18,7 +18,7 @@ export MPLCONFIGDIR ?= $(CURDIR)/.jupyter/matplotlib
 
 NBVAL := --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider
 
-.PHONY: setup lab test lint unit nbval-solutions nbval-students notebooks outputs bench bench-nf4 bench-peft-family bench-finetune gpu-bundle \
+.PHONY: setup lab test lint unit nbval-solutions nbval-students notebooks outputs bench bench-nf4 bench-peft-family sweep-rank bench-finetune gpu-bundle \
 	clean-grading check student-bundle collect autograde feedback grades grade-hostile
 
 setup: $(VENV)/.installed $(MODEL)
@@ -80,6 +80,10 @@ bench-nf4: setup
 # Prompt tuning vs prefix tuning vs LoRA, 96 steps each (about 15 minutes); notebook 07 plots its results.
 bench-peft-family: setup
 	$(BIN)/python benchmarks/bench_peft_family.py
+
+# Notebook 04's rank sweep (7 ranks x 3 seeds) and alpha / r against rsLoRA up to r = 256 (about 20 minutes).
+sweep-rank: setup
+	$(BIN)/python benchmarks/sweep_rank.py
 
 # Notebook 11's guarded fine-tune, headless (about 5 minutes on 2 idle cores; on a GPU see the script's docstring).
 bench-finetune: setup
