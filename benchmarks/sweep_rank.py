@@ -37,21 +37,13 @@ from tqdm import tqdm  # noqa: E402
 import lorakit  # noqa: E402,F401
 from lorakit.data import accuracy_with_stderr, task_splits  # noqa: E402
 from lorakit.fast import cache_hidden_states, cached_logits, cached_loss, top_layer_targets, train_cached  # noqa: E402
-from lorakit.lora import LoRALinear, add_lora  # noqa: E402
+from lorakit.lora import add_lora, remove_lora  # noqa: E402
 from lorakit.models import load_smollm2  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 TOP, BATCH, LR, EVAL_EVERY = 3, 16, 2e-3, 10
 SPLITS = {"n_train": 320, "n_val": 64, "n_test": 200, "seed": 0}
 FIXED_ALPHA = 16
-
-
-def remove_adapters(model) -> None:
-    """Undo add_lora without merging: every LoRALinear goes back to the frozen nn.Linear it wraps."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.base)
 
 
 def mean_loss(model, cache, batch_size: int = 64) -> float:
@@ -82,7 +74,7 @@ def one_run(model, caches, targets, r, alpha, rslora, seed, steps) -> dict:
     seconds = time.perf_counter() - start
     predicted = cached_logits(model, caches["test"]).argmax(-1)
     correct = (predicted == caches["test"].targets).tolist()
-    remove_adapters(model)
+    remove_lora(model)
     acc, se = accuracy_with_stderr(correct)
     return {"r": r, "alpha": alpha, "rslora": rslora, "seed": seed, "steps": steps, "seconds": round(seconds, 1),
             "train_loss": [round(x, 5) for x in losses], "val_loss": [(n, round(v, 5)) for n, v in curve],

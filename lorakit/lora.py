@@ -32,6 +32,7 @@ __all__ = [
     "LoRALinear",
     "add_lora",
     "merge_lora",
+    "remove_lora",
     "lora_parameter_count",
     "get_nb_trainable_parameters",
     "print_trainable_parameters",
@@ -229,6 +230,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             module.merge()
+            _set_submodule(model, name, module.base)
+    return model
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Take every adapter out without merging, in place: each `LoRALinear` gives back the frozen `nn.Linear` it
+    wraps, so the model is the pretrained one again (peft's `unload()`). Undoes `add_lora`; the next run of a sweep
+    can start from here."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
             _set_submodule(model, name, module.base)
     return model
 

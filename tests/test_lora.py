@@ -30,6 +30,7 @@ from lorakit.lora import (
     lora_parameter_count,
     merge_lora,
     print_trainable_parameters,
+    remove_lora,
 )
 
 # (in_features, out_features): square, in > out, out > in, and a single input feature.
@@ -430,6 +431,22 @@ def test_merge_lora_matches_adapted_model_and_peft(targets):
         for key in ours_state:
             assert_close(ours_state[key], peft_state[key])
     assert merge_lora(merged) is merged  # nothing left to merge
+
+
+@pytest.mark.parametrize("targets", TARGETS, ids=TARGET_IDS)
+def test_remove_lora_gives_back_the_pretrained_model_unmerged(targets):
+    ours, _ = llama_pair(targets)
+    wrapped = ours_wrapped(ours)
+    bases = {name: layer.base for name, layer in wrapped.items()}
+    ids = token_ids()
+    with torch.no_grad():
+        assert not torch.equal(ours(ids).logits, tiny_llama()(ids).logits)  # the copied adapters change the output
+        assert remove_lora(ours) is ours
+        assert not any(isinstance(m, LoRALinear) for m in ours.modules())
+        for name, base in bases.items():
+            assert ours.get_submodule(name) is base  # the frozen layer itself, its weight untouched
+        assert_close(ours(ids).logits, tiny_llama()(ids).logits, rtol=0, atol=0)
+    assert remove_lora(ours) is ours  # nothing left to remove
 
 
 # --------------------------------------------------------------------------------------------------
