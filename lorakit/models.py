@@ -104,9 +104,21 @@ def prepare_smollm2(force: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # transformers writes the weights through a private temporary file (mode 0600): give every file the mode the
+        # umask asks for, as any other file, so that other accounts (a class's students on one server) can read it
+        mode = 0o666 & ~_umask()
+        for file in tmp.iterdir():
+            file.chmod(mode)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # atomic: an interrupted conversion never leaves a half checkpoint behind
     return target
+
+
+def _umask() -> int:
+    """The process's file-creation mask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32):

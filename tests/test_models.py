@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import subprocess
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def test_checkpoint_is_cached_and_ignored_by_git():
     if (ROOT / ".git").exists() and path.is_relative_to(ROOT):
         done = subprocess.run(["git", "check-ignore", "-q", str(path / "model.safetensors")], cwd=ROOT)
         assert done.returncode == 0, "the converted checkpoint must be git-ignored"
+    # every file has the mode the umask gives (transformers writes the weights through a 0600 temporary file), so
+    # other accounts on one server (a class on JupyterHub) can load the model: 0644 under the usual umask 022
+    mask = models._umask()
+    for file in path.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file.name
 
 
 def test_missing_package_names_the_fix(monkeypatch):
