@@ -5,6 +5,9 @@
     python -m lorakit.grading feedback [NAMES]      # feedback/ HTML, hidden tests stripped
     python -m lorakit.grading grades [CSV]         # nbgrader export (autograded/grades.csv)
 
+Every command works on this repository, or on the course folder given by --root (a copy of the course holding its
+nbgrader_config.py, such as the grader account's folder on JupyterHub: deploy/jupyterhub/README.md).
+
 Autograding treats every submission as hostile: each runs in its own `nbgrader autograde --student` process
 with a wall-clock limit on top of nbgrader's per-cell timeout; a process that hangs (a loop that ignores
 interrupts) is killed with its kernel; a submission that cannot be graded (not valid JSON, a dead kernel) is
@@ -256,22 +259,27 @@ def main(argv: list[str]) -> int:
     p.add_argument("--jobs", type=int, default=None)
     p.add_argument("--timeout", type=float, default=900, help="seconds for one submission, all cells")
     p.add_argument("--cell-timeout", type=int, default=None, help="nbgrader's per-cell timeout (Execute.timeout)")
+    p.add_argument("--root", type=Path, default=ROOT,
+                   help="the course folder, holding its nbgrader_config.py (default: this repository)")
     a = p.parse_args(argv)
+    root = a.root.resolve()
+    if not (root / "nbgrader_config.py").is_file():
+        p.error(f"{root} is not a course folder: it holds no nbgrader_config.py")
     if a.command == "collect":
         if not a.args:
             p.error("collect needs the folder of submissions (one subfolder per student)")
-        print(*collect(Path(a.args[0]), names=a.args[1:] or None), sep="\n")
+        print(*collect(Path(a.args[0]), root, names=a.args[1:] or None), sep="\n")
     elif a.command == "autograde":
         extra = (f"--Execute.timeout={a.cell_timeout}",) if a.cell_timeout else ()
-        rows = autograde(names=a.args or None, jobs=a.jobs, timeout=a.timeout, extra=extra)
+        rows = autograde(root, names=a.args or None, jobs=a.jobs, timeout=a.timeout, extra=extra)
         for r in rows:
             print(f"{r['assignment']:<28} {r['student']:<20} {r['score']:>5g} / {r['max_score']:<4g} "
                   f"{r['seconds']:>6.1f} s  {r['problem']}")
-        print(f"{len(rows)} submissions graded; report in autograded/{REPORT}")
+        print(f"{len(rows)} submissions graded; report in {root / 'autograded' / REPORT}")
     elif a.command == "feedback":
-        print(feedback(names=a.args or None))
+        print(feedback(root, names=a.args or None))
     else:
-        print(grades(out=(a.args or ["autograded/grades.csv"])[0]))
+        print(grades(root, out=(a.args or ["autograded/grades.csv"])[0]))
     return 0
 
 

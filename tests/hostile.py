@@ -68,9 +68,21 @@ ANSWERS_03 = {
         "lora_scaling": ("def lora_scaling(r, alpha, rslora=False):\n"
                          "    return LoRALinear(nn.Linear(1, 1), r=r, alpha=alpha, rslora=rslora).scaling\n"),
     },
+    # torch prints a warning on stderr inside two test cells: the student turned Python's warnings back on (the
+    # notebook's first cell silences them) and copy-constructs tensors. nbgrader alone scores a test cell with any
+    # stderr output as failed; the course drops stderr before scoring (nbgrader_config.py: IgnorePattern), so the
+    # correct answer keeps its 2 points and the wrong one, which warns too, still loses its 3.
+    "warns": {
+        "init_lora_factors": ("import warnings\nwarnings.resetwarnings()  # show me every warning\n\n"
+                              "def init_lora_factors(d_in, d_out, r):\n    A = torch.empty(r, d_in)\n"
+                              "    nn.init.kaiming_uniform_(A, a=math.sqrt(5))\n"
+                              "    return torch.tensor(A), torch.zeros(d_out, r)  # torch warns: use A.clone()\n"),
+        "lora_forward": ("def lora_forward(x, W0, A, B, alpha, r):\n"
+                         "    return torch.tensor(x) @ W0.T + (x @ A.T) @ B.T  # warns, and forgot alpha / r\n"),
+    },
 }
 # points of each exercise of notebook 03 whose answer above is honest work
-EXPECTED_03 = {"alt": 8, "mistake": 0, "hardcoded": 0, "reference": 1}
+EXPECTED_03 = {"alt": 8, "mistake": 0, "hardcoded": 0, "reference": 1, "warns": 5}
 
 LOOK_ALIKE = '''
 import builtins, math, numpy, numpy.testing, torch, torch.testing

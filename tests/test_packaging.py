@@ -60,4 +60,5 @@ def test_installed_versions_are_the_pinned_ones():
 def test_torch_is_the_cpu_wheel_pinned_first():
     assert pyproject_pins()["torch"] == "2.13.0"
     makefile = (ROOT / "Makefile").read_text()
-    assert makefile.index("install -q --disable-pip-version-check torch==2.13.0") < makefile.index("-e '.[course,dev]'")
+    torch_first = makefile.index("install -q --disable-pip-version-check torch==2.13.0")
+    assert torch_first < makefile.index("-e '.[course,dev,hub]'")
