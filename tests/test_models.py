@@ -40,7 +40,7 @@ def test_the_converted_weights_answer_correctly(smollm2):
     assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
 
 
-def test_checkpoint_is_cached_and_ignored_by_git():
+def test_checkpoint_is_cached_and_ignored_by_git(tmp_path):
     path = models.prepare_smollm2()  # returns at once: already converted
     assert (path / "model.safetensors").stat().st_size > 500e6  # float32, not the 4-bit GGUF
     if (ROOT / ".git").exists() and path.is_relative_to(ROOT):
@@ -48,9 +48,10 @@ def test_checkpoint_is_cached_and_ignored_by_git():
         assert done.returncode == 0, "the converted checkpoint must be git-ignored"
     # every file has the mode the umask gives (transformers writes the weights through a 0600 temporary file), so
     # other accounts on one server (a class on JupyterHub) can load the model: 0644 under the usual umask 022
-    mask = models._umask()
+    (tmp_path / "plain").write_text("")  # a file made the ordinary way carries the umask's mode
+    expected = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
     for file in path.iterdir():
-        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file.name
+        assert stat.S_IMODE(file.stat().st_mode) == expected, file.name
 
 
 def test_missing_package_names_the_fix(monkeypatch):
